@@ -1,0 +1,222 @@
+"""Ignite handlers with side effects: writing enhanced series (inference) and the evaluation CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from . import metrics as asl_metrics
+from .outputs import safe_output_path, write_json, write_nifti, write_text
+from .smoothing import gaussian_smooth, self_tuned_sigma_mm, sigma_in_voxels
+
+logger = logging.getLogger("asl_enhance")
+
+
+def bundle_version(bundle_root: str | Path) -> str:
+    """Version from the bundle's metadata.json (one place for it)."""
+    meta = Path(bundle_root) / "configs" / "metadata.json"
+    return str(json.loads(meta.read_text(encoding="utf-8"))["version"])
+
+
+def _numpy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def _volume(value: Any) -> np.ndarray:
+    """A 3D float32 volume from a (1, X, Y, Z) or (X, Y, Z) tensor/array."""
+    arr = np.asarray(_numpy(value), dtype=np.float32)
+    return arr[0] if arr.ndim == 4 else arr
+
+
+def _voxel_sizes(affine: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def _items(engine: Engine) -> list[dict]:
+    """Each series of the iteration: its (decollated) batch data with the network output merged in."""
+    batch, output = engine.state.batch, engine.state.output
+    batch = batch if isinstance(batch, list) else [batch]
+    output = output if isinstance(output, list) else [output]
+    return [{**b, **o} for b, o in zip(batch, output)]
+
+
+class ASLOutputWriter:
+    """Writes ``<stem>_desc-enhanced_deltam.nii.gz`` (``pred``) and ``<stem>_desc-mean_deltam.nii.gz``
+    (``input_mean``) with JSON sidecars under ``output_dir``, mirroring the input's folders."""
+
+    def __init__(self, output_dir: str, bundle_version: str = "", settings: dict | None = None, overwrite: bool = True):
+        self.output_dir, self.version = Path(output_dir), bundle_version
+        self.settings, self.overwrite = dict(settings or {}), overwrite
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._summary)
+
+    def __call__(self, engine: Engine) -> None:
+        for item in _items(engine):
+            self.write_series(item)
+
+    def write_series(self, item: dict) -> list[Path]:
+        """Write both deltaM maps of one series; returns their paths."""
+        affine = np.asarray(_numpy(item["affine"]), np.float64)
+        outputs = {"enhanced": _volume(item["pred"]), "mean": _volume(item["input_mean"])}
+        paths = []
+        for desc, volume in outputs.items():
+            path = safe_output_path(self.output_dir, item["rel_dir"], f"{item['stem']}_desc-{desc}_deltam.nii.gz")
+            if path.exists() and not self.overwrite:
+                raise FileExistsError(f"{path} exists (set overwrite to replace it)")
+            write_nifti(path, volume, affine)
+            write_json(path.with_name(path.name.replace(".nii.gz", ".json")), self._sidecar(item, desc))
+            paths.append(path)
+        self.written += paths
+        return paths
+
+    def _sidecar(self, item: dict, desc: str) -> dict:
+        used = json.loads(item["input_pairs"])
+        volumes = json.loads(item["pair_volumes"])
+        return {
+            "Description": (
+                "deltaM (control - label) enhanced by the ASL bundle's network"
+                if desc == "enhanced"
+                else "plain mean of the pair differences used (control - label)"
+            ),
+            "Units": "same as control - label of the source series",
+            "Sources": [str(Path(item["rel_dir"]) / Path(item["asl"]).name)],
+            "NumPairsUsed": len(used),
+            "TotalPairsInSeries": int(_numpy(item["total_pairs"])),
+            "PairsUsed": [i + 1 for i in used],
+            "PairVolumeIndices": [volumes[i] for i in used],
+            "M0Source": item.get("m0_source", ""),
+            "GuideSource": item.get("guide_source", ""),
+            "ScaleFactor": float(_numpy(item["scale"])),
+            "GeneratedBy": {"Name": "asl_bundle", "Version": self.version},
+            "Settings": self.settings,
+        }
+
+    def _summary(self, engine: Engine) -> None:
+        logger.info("wrote %d files under %s", len(self.written), self.output_dir)
+        print(f"Enhanced {len(self.written) // 2} series; outputs under {self.output_dir.resolve()}")
+
+
+EVALUATION_COLUMNS = (
+    "series",
+    "method",
+    "num_pairs",
+    "total_pairs",
+    "nmse_all",
+    "nmse_other",
+    "nmse_corrected",
+    "effective_pairs",
+    "psnr",
+    "ssim",
+    "gaussian_sigma_mm",
+)
+
+
+class ASLEvaluationWriter:
+    """Scores ``enhanced`` (``pred``), ``mean`` (``input_mean``) and the self-tuned ``gaussian``
+    against the mean of all pairs and of the unused pairs (noise-corrected), and writes
+    ``evaluation.csv`` with a row per series and method plus an ``ALL`` row per method."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        methods: Sequence[str] = ("enhanced", "mean", "gaussian"),
+        filename: str = "evaluation.csv",
+    ):
+        self.path = Path(output_dir) / filename
+        self.methods = tuple(methods)
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def __call__(self, engine: Engine) -> None:
+        for item in _items(engine):
+            self.rows += self.score_series(item)
+
+    def score_series(self, item: dict) -> list[dict]:
+        """One row per method for one series (all deltaM in the input's units)."""
+        pairs = np.asarray(_numpy(item["pairs"]), np.float32)
+        used = json.loads(item["input_pairs"])
+        mask = _volume(item["mask"]) > 0
+        reference, ref_var = _volume(item["other_mean"]), _volume(item["target_noise_var"])
+        all_mean = pairs.mean(axis=0)
+        single = asl_metrics.per_pair_nmse(_volume(item["pair_noise_var"]), reference, ref_var, mask)
+        estimates, sigma = self._estimates(item, pairs[used], mask)
+        rows = []
+        for method, estimate in estimates.items():
+            corrected = asl_metrics.nmse_corrected(estimate, reference, ref_var, mask)
+            psnr, ssim = asl_metrics.psnr_ssim(estimate, reference, mask)
+            rows.append(
+                {
+                    "series": str(Path(item["rel_dir"]) / item["stem"]),
+                    "method": method,
+                    "num_pairs": len(used),
+                    "total_pairs": pairs.shape[0],
+                    "nmse_all": asl_metrics.nmse(estimate, all_mean, mask),
+                    "nmse_other": asl_metrics.nmse(estimate, reference, mask),
+                    "nmse_corrected": corrected,
+                    "effective_pairs": asl_metrics.effective_pairs(corrected, single),
+                    "psnr": psnr,
+                    "ssim": ssim,
+                    "gaussian_sigma_mm": sigma if method == "gaussian" else "",
+                }
+            )
+        return rows
+
+    def _estimates(self, item: dict, used_pairs: np.ndarray, mask: np.ndarray) -> tuple[dict, float | str]:
+        estimates = {"enhanced": _volume(item["pred"]), "mean": _volume(item["input_mean"])}
+        sigma: float | str = ""
+        if "gaussian" in self.methods and used_pairs.shape[0] >= 2:
+            voxels = _voxel_sizes(np.asarray(_numpy(item["affine"])))
+            sigma = self_tuned_sigma_mm(used_pairs, voxels, mask)
+            estimates["gaussian"] = gaussian_smooth(estimates["mean"], sigma_in_voxels(sigma, voxels))
+        return {k: v for k, v in estimates.items() if k in self.methods}, sigma
+
+    def write(self, engine: Engine | None = None) -> None:
+        """Write the CSV (atomically) and print a one-line summary per method."""
+        rows = self.rows + self._totals()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=EVALUATION_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.path, buffer.getvalue())
+        summary = ", ".join(
+            f"{r['method']}: NMSE(corrected) {r['nmse_corrected']:.4f}, effective pairs {r['effective_pairs']:.2f}"
+            for r in self._totals()
+        )
+        print(f"Scored {len({r['series'] for r in self.rows})} series -> {self.path.resolve()} | {summary}")
+
+    def _totals(self) -> list[dict]:
+        totals = []
+        for method in self.methods:
+            rows = [r for r in self.rows if r["method"] == method]
+            if not rows:
+                continue
+            total = {
+                "series": "ALL",
+                "method": method,
+                "num_pairs": rows[0]["num_pairs"],
+                "total_pairs": "",
+                "gaussian_sigma_mm": "",
+            }
+            for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim"):
+                total[key] = float(np.mean([r[key] for r in rows]))
+            total["effective_pairs"] = float(np.median([r["effective_pairs"] for r in rows]))
+            totals.append(total)
+        return totals

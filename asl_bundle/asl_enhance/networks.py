@@ -1,0 +1,133 @@
+"""Networks: Kim et al.'s two-pathway CNN and a residual wrapper shared by every backbone.
+
+Kim, Choi & Park (Radiology 2018) combine a local pathway of 3x3 convolutions with a global pathway
+of dilated convolutions (dilation 2, 4, 8, 16) and predict a residual over the k-pair mean. Kernels
+here are in-plane (3x3x1) with one through-plane stem, since clinical ASL slices are thick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.layers.convutils import gaussian_1d
+from torch import nn
+
+
+def _in_plane(spatial_dims: int, size: int = 3) -> tuple[int, ...]:
+    return (size, size) + (1,) * (spatial_dims - 2)
+
+
+class DilatedTwoPathwayNet(nn.Module):
+    """Backbone of Kim et al.: a stem, then local (plain) and global (dilated) pathways, merged.
+
+    Any input size works: no pooling, every convolution keeps the spatial shape.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 2,
+        out_channels: int = 1,
+        features: int = 32,
+        local_layers: int = 4,
+        dilations: Sequence[int] = (2, 4, 8, 16),
+        through_plane_kernel: int = 3,
+        act: str = "PRELU",
+    ):
+        super().__init__()
+        stem_kernel = (3, 3) + (through_plane_kernel,) * (spatial_dims - 2)
+
+        def conv(cin: int, cout: int, kernel: Sequence[int], dilation: int = 1, last: bool = False) -> nn.Module:
+            dil = (dilation, dilation) + (1,) * (spatial_dims - 2)
+            return Convolution(
+                spatial_dims,
+                cin,
+                cout,
+                kernel_size=kernel,
+                dilation=dil,
+                act=None if last else act,
+                norm=None,
+                conv_only=last,
+            )
+
+        self.stem = conv(in_channels, features, stem_kernel)
+        plane = _in_plane(spatial_dims)
+        self.local_path = nn.Sequential(*[conv(features, features, plane) for _ in range(local_layers)])
+        self.global_path = nn.Sequential(*[conv(features, features, plane, d) for d in dilations])
+        self.merge = nn.Sequential(
+            conv(2 * features, features, (1,) * spatial_dims),
+            conv(features, out_channels, _in_plane(spatial_dims), last=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stem(x)
+        return self.merge(torch.cat([self.local_path(features), self.global_path(features)], dim=1))
+
+
+class GaussianSmooth(nn.Module):
+    """Fixed Gaussian (sigma in voxels per axis; 0 = none on that axis) as one convolution with
+    replicate padding, so it scripts and exports like any layer."""
+
+    def __init__(self, spatial_dims: int, sigma: float | Sequence[float]):
+        super().__init__()
+        sigmas = [float(s) for s in (sigma if isinstance(sigma, Sequence) else [sigma] * spatial_dims)]
+        if len(sigmas) != spatial_dims:
+            raise ValueError(f"sigma needs {spatial_dims} values, got {sigmas}")
+        kernel = torch.ones([1] * spatial_dims)
+        for axis, s in enumerate(sigmas):
+            taps = gaussian_1d(torch.tensor(s), truncated=3.0).float() if s > 0 else torch.ones(1)
+            shape = [1] * spatial_dims
+            shape[axis] = taps.numel()
+            kernel = kernel * taps.reshape(shape)
+        self.spatial_dims = spatial_dims
+        self.identity = all(s <= 0 for s in sigmas)
+        self.padding = [n // 2 for size in reversed(kernel.shape) for n in (size, size)]
+        self.register_buffer("kernel", (kernel / kernel.sum())[None, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        b, c = x.shape[0], x.shape[1]
+        flat = F.pad(x.reshape([b * c, 1] + list(x.shape[2:])), self.padding, mode="replicate")
+        out = F.conv3d(flat, self.kernel) if self.spatial_dims == 3 else F.conv2d(flat, self.kernel)
+        return out.reshape(x.shape)
+
+
+class ResidualEnhancer(nn.Module):
+    """Output = base + backbone(x), base being channel ``residual_channel`` (the k-pair mean),
+    optionally pre-smoothed so the backbone starts where a blur is and restores edges and lesions.
+    ``pad_multiple`` pads the input (replicate) for backbones that pool, e.g. MONAI's BasicUNet."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spatial_dims: int = 3,
+        residual_channel: int = 0,
+        smooth_sigma: float | Sequence[float] = 0.0,
+        pad_multiple: int = 1,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.pad_multiple = int(pad_multiple)
+        self.residual_channel = residual_channel
+        self.smooth = GaussianSmooth(spatial_dims, smooth_sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.residual_channel
+        base = self.smooth(x[:, c : c + 1])
+        return base + self._padded_backbone(x)
+
+    def _padded_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_multiple <= 1:
+            return self.backbone(x)
+        sizes = x.shape[2:]
+        pad: list[int] = []
+        for size in sizes[::-1]:
+            pad += [0, (-size) % self.pad_multiple]
+        out = self.backbone(F.pad(x, pad, mode="replicate"))
+        if out.dim() == 5:
+            return out[:, :, : sizes[0], : sizes[1], : sizes[2]]
+        return out[:, :, : sizes[0], : sizes[1]]

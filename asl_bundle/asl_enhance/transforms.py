@@ -1,0 +1,195 @@
+"""MONAI dictionary transforms that turn a BIDS-ASL series into network input and target.
+
+Chain: ``LoadASLSeriesd`` (read pairs, M0) -> ``SelectPairsd`` (input pairs and target) ->
+``NormalizeASLd`` (unit-free scale, guidance channel). ``scale`` restores scanner units on output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
+
+from .bids import ASLInputError, load_asl_series, load_nifti
+
+#: normalised deltaM is expressed in percent of the guide's level (M0 or mean control)
+PERCENT = 100.0
+#: voxels above this fraction of the guide's 99th percentile form the head mask
+HEAD_MASK_FRACTION = 0.2
+
+
+class LoadASLSeriesd(MapTransform):
+    """Read the series named by ``keys`` (default ``asl``) into ``pairs`` (P, X, Y, Z) and ``guide``.
+
+    ``guide`` is M0 where the series has it, else the mean control image, else zeros; it sets the
+    scale and gives the network sharp anatomy. ``num_pairs`` keeps the first K pairs only.
+    """
+
+    def __init__(self, keys: KeysCollection = "asl", num_pairs: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_pairs = None if num_pairs in (None, "", 0, "all") else int(num_pairs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for _ in self.key_iterator(d):
+            series = load_asl_series(d, self.num_pairs)
+            guide, guide_source = _guide(series)
+            d.update(
+                pairs=series.pairs,
+                guide=guide,
+                guide_source=guide_source,
+                m0_source=series.m0_source,
+                affine=series.affine,
+                sidecar_json=json.dumps(series.sidecar),
+                pair_volumes=json.dumps(series.pair_volumes),
+                total_pairs=series.extra["total_pairs"],
+            )
+            if d.get("truth"):
+                truth, _ = load_nifti(d["truth"])
+                if truth.shape != series.pairs.shape[1:]:
+                    raise ASLInputError(d["truth"], f"shape {truth.shape} does not match {series.pairs.shape[1:]}")
+                d["truth"] = truth
+        return d
+
+
+def _guide(series) -> tuple[np.ndarray, str]:
+    if series.m0 is not None:
+        return series.m0.astype(np.float32), "m0"
+    if series.control_mean is not None:
+        return series.control_mean.astype(np.float32), "control"
+    return np.zeros(series.pairs.shape[1:], np.float32), "none"
+
+
+class SelectPairsd(Randomizable, MapTransform):
+    """Choose the input pairs of a series and build ``input_mean`` and the training target.
+
+    mode ``random`` draws k in ``num_input_pairs`` (int or [low, high]) pairs at random (training);
+    mode ``first`` takes the first k (evaluation, inference; ``None`` = all pairs). target:
+    ``other`` = mean of the pairs not in the input (Noise2Noise), ``all`` = mean of all pairs
+    (Kim et al.), ``truth`` = the noise-free map, ``none`` = no target. ``target_noise_var`` is the
+    variance of the ``other`` target's own noise, for noise-corrected scores.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pairs",
+        num_input_pairs: int | Sequence[int] | None = None,
+        mode: str = "first",
+        target: str = "none",
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if mode not in ("first", "random"):
+            raise ValueError(f"mode must be 'first' or 'random', got {mode!r}")
+        if target not in ("other", "all", "truth", "none"):
+            raise ValueError(f"target must be other, all, truth or none, got {target!r}")
+        if isinstance(num_input_pairs, Sequence) and not isinstance(num_input_pairs, str):
+            self.k_range = (int(num_input_pairs[0]), int(num_input_pairs[-1]))
+        else:
+            self.k_range = None if num_input_pairs in (None, "", 0, "all") else (int(num_input_pairs),) * 2
+        self.mode, self.target = mode, target
+        self._k = 0
+        self._order: np.ndarray | None = None
+
+    def randomize(self, num_pairs: int) -> None:
+        high = num_pairs if self.k_range is None else min(self.k_range[1], num_pairs - (self.target == "other"))
+        low = min(high, num_pairs if self.k_range is None else self.k_range[0])
+        self._k = int(self.R.randint(low, high + 1))
+        self._order = self.R.permutation(num_pairs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pairs = np.asarray(d[key])
+            used, rest = self._split(pairs.shape[0], d.get("asl", key))
+            d["input_mean"] = pairs[used].mean(axis=0).astype(np.float32)
+            d["input_pairs"] = json.dumps([int(i) for i in used])
+            d["num_pairs_used"] = len(used)
+            if len(rest):
+                d["other_mean"] = pairs[rest].mean(axis=0).astype(np.float32)
+                variance = pairs[rest].var(axis=0, ddof=1) if len(rest) > 1 else np.zeros(pairs.shape[1:])
+                d["target_noise_var"] = (variance / len(rest)).astype(np.float32)
+                d["pair_noise_var"] = pairs.var(axis=0, ddof=1).astype(np.float32)
+            if self.target != "none":
+                d["target"] = self._target(d, pairs, rest)
+        return d
+
+    def _split(self, num_pairs: int, source: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self.mode == "random":
+            self.randomize(num_pairs)
+            assert self._order is not None
+            return np.sort(self._order[: self._k]), np.sort(self._order[self._k :])
+        k = num_pairs if self.k_range is None else self.k_range[0]
+        if k > num_pairs:
+            raise ASLInputError(source, f"needs {k} input pairs but the series has {num_pairs}")
+        if self.target == "other" and k >= num_pairs:
+            raise ASLInputError(source, f"needs more than {k} pairs to score against unused pairs, has {num_pairs}")
+        return np.arange(k), np.arange(k, num_pairs)
+
+    def _target(self, d: dict, pairs: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        if self.target == "truth":
+            if not isinstance(d.get("truth"), np.ndarray):
+                raise ASLInputError(d.get("asl", "<series>"), "target 'truth' needs a noise-free deltaM (truth_dir)")
+            return d["truth"].astype(np.float32)
+        if self.target == "other":
+            return d["other_mean"]
+        return pairs.mean(axis=0).astype(np.float32)
+
+
+def guide_scale(guide: np.ndarray, fallback: np.ndarray) -> tuple[float, np.ndarray]:
+    """Level of the guide (mean inside the head) and the head mask; both homogeneous in scale,
+    so scaling a series by c scales ``scale`` by c and leaves the mask unchanged."""
+    reference = guide if np.any(guide > 0) else np.abs(fallback)
+    top = float(np.percentile(reference, 99))
+    if top <= 0:
+        return 1.0, np.ones(guide.shape, bool)
+    mask = reference > HEAD_MASK_FRACTION * top
+    return float(reference[mask].mean(dtype=np.float64)), mask
+
+
+class NormalizeASLd(MapTransform):
+    """Build ``image`` (C, X, Y, Z): deltaM in percent of the guide's level, then (optionally) the
+    guide at unit level; ``label`` likewise from ``target``; ``mask`` the head; ``scale`` the factor
+    that turns network output back into the input's units."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("input_mean", "target", "other_mean", "truth"),
+        guide_key: str = "guide",
+        use_guide: bool = True,
+        allow_missing_keys: bool = True,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.guide_key, self.use_guide = guide_key, use_guide
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        level, mask = guide_scale(np.asarray(d[self.guide_key]), np.asarray(d["input_mean"]))
+        scale = level / PERCENT
+        channels = [np.asarray(d["input_mean"]) / scale]
+        if self.use_guide:
+            channels.append(np.asarray(d[self.guide_key]) / level)
+        d["image"] = np.stack(channels).astype(np.float32)
+        if isinstance(d.get("target"), np.ndarray):
+            d["label"] = (d["target"] / scale)[None].astype(np.float32)
+        d["mask"] = mask[None].astype(np.float32)
+        d["scale"] = np.float32(scale)
+        return d
+
+
+class RestoreScaled(MapTransform):
+    """Multiply network output (normalised units) by ``scale`` to return to the input's units."""
+
+    def __init__(self, keys: KeysCollection = "pred", scale_key: str = "scale", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.scale_key = scale_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key] * float(d[self.scale_key])
+        return d

@@ -1,0 +1,69 @@
+"""Small BIDS-ASL series written by hand for tests: known values, any context order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+AFFINE = np.diag([3.0, 3.0, 5.0, 1.0])
+AFFINE[:3, 3] = [-40.0, -50.0, -20.0]
+
+
+def write_series(
+    folder: str | Path,
+    stem: str,
+    volumes: np.ndarray,
+    volume_types: list[str],
+    sidecar: dict | None = None,
+    m0: np.ndarray | None = None,
+    affine: np.ndarray = AFFINE,
+) -> Path:
+    """Write ``<stem>_asl.nii.gz``, its aslcontext and sidecar (and a separate M0); returns the ASL path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    asl = folder / f"{stem}_asl.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(volumes, np.float32), affine), asl)
+    (folder / f"{stem}_aslcontext.tsv").write_text("volume_type\n" + "\n".join(volume_types) + "\n")
+    default = {
+        "ArterialSpinLabelingType": "PCASL",
+        "PostLabelingDelay": 1.8,
+        "LabelingDuration": 1.8,
+        "M0Type": "Included" if "m0scan" in volume_types else ("Separate" if m0 is not None else "Absent"),
+        "MagneticFieldStrength": 3,
+        "BackgroundSuppression": False,
+    }
+    (folder / f"{stem}_asl.json").write_text(json.dumps(sidecar if sidecar is not None else default))
+    if m0 is not None:
+        nib.save(nib.Nifti1Image(np.asarray(m0, np.float32), affine), folder / f"{stem}_m0scan.nii.gz")
+    return asl
+
+
+def phantom_series(
+    shape=(20, 18, 8),
+    num_pairs: int = 6,
+    seed: int = 0,
+    label_first: bool = False,
+    m0_volumes: int = 1,
+    level: float = 1000.0,
+):
+    """A head-like M0, a control/label series with known deltaM and noise; returns (volumes, types, truth)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    head = (x**2 + y**2 + 0.5 * z**2) < 0.8
+    m0 = level * head * (1.0 + 0.1 * x)
+    deltam = 0.01 * m0 * (1.0 + 0.5 * np.cos(3 * x) * np.sin(2 * y))
+    volumes, types = [], []
+    for _ in range(m0_volumes):
+        volumes.append(m0 + rng.normal(0, 5, shape))
+        types.append("m0scan")
+    for _ in range(num_pairs):
+        control = 0.8 * m0 + rng.normal(0, 0.004 * level, shape)
+        label = control - deltam - rng.normal(0, 0.004 * level, shape)
+        pair = [(label, "label"), (control, "control")] if label_first else [(control, "control"), (label, "label")]
+        for vol, kind in pair:
+            volumes.append(vol)
+            types.append(kind)
+    return np.stack(volumes, axis=-1), types, deltam
