@@ -15,6 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from . import metrics as asl_metrics
+from .bids import ASLInputError
+from .failures import record_failure
 from .outputs import safe_output_path, write_json, write_nifti, write_text
 from .smoothing import gaussian_smooth, self_tuned_sigma_mm, sigma_in_voxels
 
@@ -51,6 +53,11 @@ def _items(engine: Engine) -> list[dict]:
     return [{**b, **o} for b, o in zip(batch, output)]
 
 
+def _series_files(folder: Path, stem: str) -> list[Path]:
+    """Files of one series in an output folder (``<stem>_*``)."""
+    return [p for p in folder.iterdir() if p.name.startswith(f"{stem}_")] if folder.is_dir() else []
+
+
 class ASLOutputWriter:
     """Writes ``<stem>_desc-enhanced_deltam.nii.gz`` (``pred``) and ``<stem>_desc-mean_deltam.nii.gz``
     (``input_mean``) with JSON sidecars under ``output_dir``, mirroring the input's folders."""
@@ -66,7 +73,29 @@ class ASLOutputWriter:
 
     def __call__(self, engine: Engine) -> None:
         for item in _items(engine):
-            self.write_series(item)
+            if item.get("error"):
+                continue  # a series that failed to load: SeriesFailureReport names it, nothing is written
+            self._write_or_fail(engine, item)
+
+    def _write_or_fail(self, engine: Engine, item: dict) -> None:
+        """Write one series, refusing existing outputs unless ``overwrite``; a series that cannot be
+        written completely has what it wrote removed and is recorded as failed."""
+        try:
+            folder = safe_output_path(self.output_dir, item["rel_dir"], f"{item['stem']}_asl").parent
+            if not self.overwrite:
+                for desc in ("enhanced", "mean"):
+                    path = folder / f"{item['stem']}_desc-{desc}_deltam.nii.gz"
+                    if path.exists():
+                        raise FileExistsError(f"{path}: output exists (run with --overwrite true to replace it)")
+            before = set(_series_files(folder, item["stem"]))
+            try:
+                self.write_series(item)
+            except BaseException:
+                for path in set(_series_files(folder, item["stem"])) - before:
+                    path.unlink(missing_ok=True)
+                raise
+        except (ASLInputError, OSError, ValueError) as err:
+            record_failure(engine, str(err))
 
     def write_series(self, item: dict) -> list[Path]:
         """Write both deltaM maps of one series; returns their paths."""
@@ -147,6 +176,8 @@ class ASLEvaluationWriter:
 
     def __call__(self, engine: Engine) -> None:
         for item in _items(engine):
+            if item.get("error"):
+                continue  # a series that failed to load: SeriesFailureReport names it
             self.rows += self.score_series(item)
 
     def score_series(self, item: dict) -> list[dict]:
@@ -220,3 +251,42 @@ class ASLEvaluationWriter:
             total["effective_pairs"] = float(np.median([r["effective_pairs"] for r in rows]))
             totals.append(total)
         return totals
+
+
+class ResumableCheckpoint:
+    """Saves model, optimizer, scheduler and trainer state at every epoch end to one file, written
+    atomically; with ``resume`` it restores them when training starts, so a run killed mid-epoch
+    continues from its last completed epoch. (MONAI's CheckpointSaver cannot hold the trainer it is
+    attached to from a config without a circular reference.)"""
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler: Any = None, resume: bool = False, filename: str = "checkpoint.pt",
+                 enabled: bool = True):
+        self.path = Path(save_dir) / filename
+        self.objects: dict[str, Any] = {"model": network, "optimizer": optimizer}
+        if lr_scheduler is not None:
+            self.objects["lr_scheduler"] = lr_scheduler
+        self.resume, self.enabled = resume, enabled
+
+    def attach(self, engine: Engine) -> None:
+        self.objects["trainer"] = engine
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def load(self, engine: Engine | None = None) -> None:
+        """Restore every object from the checkpoint file (clear error when it is missing)."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no checkpoint to resume from")
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+        logger.info("resumed from %s at epoch %s", self.path, state["trainer"].get("epoch"))
+
+    def save(self, engine: Engine) -> None:
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.partial")
+        torch.save(state, tmp)
+        tmp.replace(self.path)

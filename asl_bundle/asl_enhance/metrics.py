@@ -9,7 +9,6 @@ subtracting it estimates the error against the infinite-pair mean. A k-pair mean
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,17 +39,6 @@ class NMSEMetric(CumulativeIterationMetric):
             raise ValueError("the data to aggregate must be a PyTorch Tensor")
         value, not_nans = do_metric_reduction(data, reduction or self.reduction)
         return (value, not_nans) if self.get_not_nans else value
-
-
-def masked_from_engine(keys: Sequence[str] = ("pred", "label"), mask_key: str = "mask") -> Callable:
-    """Like ``monai.handlers.from_engine`` but multiplies each tensor by the head mask, so scores
-    ignore the background."""
-
-    def _transform(output: Any) -> tuple[list, ...]:
-        items = output if isinstance(output, list) else [output]
-        return tuple([item[k] * item[mask_key] for item in items] for k in keys)
-
-    return _transform
 
 
 def _masked_sum(values: np.ndarray, mask: np.ndarray) -> float:

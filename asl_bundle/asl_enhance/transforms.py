@@ -20,21 +20,73 @@ from .bids import ASLInputError, load_asl_series, load_nifti
 PERCENT = 100.0
 #: voxels above this fraction of the guide's 99th percentile form the head mask
 HEAD_MASK_FRACTION = 0.2
+#: spatial shape of the placeholder arrays of a series that failed (``on_error="skip"``)
+PLACEHOLDER_SHAPE = (2, 2, 2)
+ON_ERROR = ("raise", "skip")
+
+
+def _check_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    return on_error
+
+
+def mark_failed(d: dict, err: Exception) -> dict:
+    """Turn a data item into a failed one: ``error`` holds the one-line message and tiny placeholder
+    arrays stand in for the series, so collation and the network still run; writers skip it."""
+    shape = PLACEHOLDER_SHAPE
+    d.update(
+        error=str(err),
+        pairs=np.zeros((1, *shape), np.float32),
+        guide=np.zeros(shape, np.float32),
+        guide_source="none",
+        m0_source="absent",
+        affine=np.eye(4),
+        sidecar_json="{}",
+        pair_volumes="[]",
+        total_pairs=0,
+        input_mean=np.zeros(shape, np.float32),
+        input_pairs="[]",
+        num_pairs_used=0,
+    )
+    for key in ("truth", "target", "other_mean", "target_noise_var", "pair_noise_var"):
+        if isinstance(d.get(key), np.ndarray):
+            d[key] = np.zeros(shape, np.float32)
+    return d
 
 
 class LoadASLSeriesd(MapTransform):
     """Read the series named by ``keys`` (default ``asl``) into ``pairs`` (P, X, Y, Z) and ``guide``.
 
     ``guide`` is M0 where the series has it, else the mean control image, else zeros; it sets the
-    scale and gives the network sharp anatomy. ``num_pairs`` keeps the first K pairs only.
+    scale and gives the network sharp anatomy. ``num_pairs`` keeps the first K pairs only (K < 1 or
+    more than the series has is an input error). ``on_error="skip"`` turns an :class:`ASLInputError`
+    into a failed item (see :func:`mark_failed`) instead of raising; ``error`` is "" otherwise.
     """
 
-    def __init__(self, keys: KeysCollection = "asl", num_pairs: int | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection = "asl",
+        num_pairs: int | None = None,
+        on_error: str = "raise",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.num_pairs = None if num_pairs in (None, "", 0, "all") else int(num_pairs)
+        self.num_pairs = None if num_pairs is None or num_pairs in ("", "all") else int(num_pairs)
+        self.on_error = _check_on_error(on_error)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        d["error"] = ""
+        try:
+            self._load(d)
+        except ASLInputError as err:
+            if self.on_error == "raise":
+                raise
+            mark_failed(d, err)
+        return d
+
+    def _load(self, d: dict) -> None:
         for _ in self.key_iterator(d):
             series = load_asl_series(d, self.num_pairs)
             guide, guide_source = _guide(series)
@@ -53,7 +105,6 @@ class LoadASLSeriesd(MapTransform):
                 if truth.shape != series.pairs.shape[1:]:
                     raise ASLInputError(d["truth"], f"shape {truth.shape} does not match {series.pairs.shape[1:]}")
                 d["truth"] = truth
-        return d
 
 
 def _guide(series) -> tuple[np.ndarray, str]:
@@ -71,7 +122,8 @@ class SelectPairsd(Randomizable, MapTransform):
     mode ``first`` takes the first k (evaluation, inference; ``None`` = all pairs). target:
     ``other`` = mean of the pairs not in the input (Noise2Noise), ``all`` = mean of all pairs
     (Kim et al.), ``truth`` = the noise-free map, ``none`` = no target. ``target_noise_var`` is the
-    variance of the ``other`` target's own noise, for noise-corrected scores.
+    variance of the ``other`` target's own noise, for noise-corrected scores. Items that already
+    failed pass through untouched; ``on_error="skip"`` fails an item that has too few pairs.
     """
 
     def __init__(
@@ -80,9 +132,11 @@ class SelectPairsd(Randomizable, MapTransform):
         num_input_pairs: int | Sequence[int] | None = None,
         mode: str = "first",
         target: str = "none",
+        on_error: str = "raise",
         allow_missing_keys: bool = False,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.on_error = _check_on_error(on_error)
         if mode not in ("first", "random"):
             raise ValueError(f"mode must be 'first' or 'random', got {mode!r}")
         if target not in ("other", "all", "truth", "none"):
@@ -103,6 +157,17 @@ class SelectPairsd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        if d.get("error"):
+            return d
+        try:
+            self._select(d)
+        except ASLInputError as err:
+            if self.on_error == "raise":
+                raise
+            mark_failed(d, err)
+        return d
+
+    def _select(self, d: dict) -> None:
         for key in self.key_iterator(d):
             pairs = np.asarray(d[key])
             used, rest = self._split(pairs.shape[0], d.get("asl", key))
@@ -116,7 +181,6 @@ class SelectPairsd(Randomizable, MapTransform):
                 d["pair_noise_var"] = pairs.var(axis=0, ddof=1).astype(np.float32)
             if self.target != "none":
                 d["target"] = self._target(d, pairs, rest)
-        return d
 
     def _split(self, num_pairs: int, source: Any) -> tuple[np.ndarray, np.ndarray]:
         if self.mode == "random":
@@ -154,7 +218,7 @@ def guide_scale(guide: np.ndarray, fallback: np.ndarray) -> tuple[float, np.ndar
 class NormalizeASLd(MapTransform):
     """Build ``image`` (C, X, Y, Z): deltaM in percent of the guide's level, then (optionally) the
     guide at unit level; ``label`` likewise from ``target``; ``mask`` the head; ``scale`` the factor
-    that turns network output back into the input's units."""
+    that turns network output back into the input's units. A failed item gets zero placeholders."""
 
     def __init__(
         self,
@@ -168,6 +232,12 @@ class NormalizeASLd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        if d.get("error"):
+            shape = np.shape(d["input_mean"])
+            d["image"] = np.zeros((2 if self.use_guide else 1, *shape), np.float32)
+            d["mask"] = np.zeros((1, *shape), np.float32)
+            d["scale"] = np.float32(1.0)
+            return d
         level, mask = guide_scale(np.asarray(d[self.guide_key]), np.asarray(d["input_mean"]))
         scale = level / PERCENT
         channels = [np.asarray(d["input_mean"]) / scale]

@@ -1,0 +1,102 @@
+"""QC figure of one series: what the enhancement changed, at a glance.
+
+Rows are maps (k-pair mean, enhanced, all-pair mean when more pairs exist, enhanced minus mean),
+columns are representative axial slices. All deltaM rows share one colour scale and all CBF rows
+another, so brightness differences between rows are real; the difference row uses a symmetric
+diverging scale so that what the network added (red) or removed (blue) stands out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+NUM_SLICES = 5
+
+
+def representative_slices(mask: np.ndarray, count: int = NUM_SLICES) -> list[int]:
+    """Evenly spaced slices through the central 70% of the slices that contain the mask."""
+    occupied = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0)) if mask.any() else np.arange(mask.shape[-1])
+    low, high = occupied[0], occupied[-1]
+    span = high - low
+    picks = np.linspace(low + 0.15 * span, high - 0.15 * span, min(count, span + 1 if span else 1))
+    return sorted({int(round(p)) for p in picks})
+
+
+def _limits(volumes: list[np.ndarray], mask: np.ndarray, percentile: float = 99.0) -> tuple[float, float]:
+    """One colour range for several maps: from min(0, 1st percentile) to the top percentile in the mask."""
+    values = np.concatenate([v[mask] for v in volumes]) if mask.any() else np.concatenate([v.ravel() for v in volumes])
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = float(min(0.0, np.percentile(values, 1))), float(np.percentile(values, percentile))
+    return low, high if high > low else low + 1.0
+
+
+def write_qc_figure(
+    path: str | Path,
+    title: str,
+    deltam: dict[str, np.ndarray],
+    cbf: dict[str, np.ndarray] | None = None,
+    mask: np.ndarray | None = None,
+    deltam_units: str = "scanner units",
+) -> Path:
+    """Write the QC PNG atomically; ``deltam``/``cbf`` map row labels to 3D volumes in display order.
+
+    The first two entries of ``deltam`` (k-pair mean, enhanced) also give the difference row.
+    """
+    path = Path(path)
+    first = next(iter(deltam.values()))
+    mask = np.ones(first.shape, bool) if mask is None or not np.any(mask) else np.asarray(mask, bool)
+    slices = representative_slices(mask)
+    groups: list[tuple[str, dict[str, np.ndarray], str, str]] = [("deltaM", deltam, "gray", deltam_units)]
+    names = list(deltam)
+    if len(names) >= 2:
+        groups.append(("change", {f"{names[1]} - {names[0]}": deltam[names[1]] - deltam[names[0]]}, "RdBu_r",
+                       deltam_units))
+    if cbf:
+        groups.append(("CBF", cbf, "viridis", "ml/100g/min"))
+    rows = sum(len(g[1]) for g in groups)
+    fig, axes = plt.subplots(rows, len(slices), figsize=(2.0 * len(slices) + 1.6, 2.0 * rows + 0.8), squeeze=False)
+    row = 0
+    for kind, maps, cmap, units in groups:
+        if kind == "change":
+            bound = float(np.percentile(np.abs(next(iter(maps.values()))[mask]), 99)) or 1.0
+            vmin, vmax = -bound, bound
+        else:
+            vmin, vmax = _limits(list(maps.values()), mask)
+            if kind == "CBF":
+                vmin = 0.0
+        image = None
+        for label, volume in maps.items():
+            for col, z in enumerate(slices):
+                ax = axes[row, col]
+                image = ax.imshow(volume[:, :, z].T, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"slice {z + 1}", fontsize=8)
+            axes[row, 0].set_ylabel(f"{kind}\n{label}", fontsize=8)
+            row += 1
+        bar = fig.colorbar(image, ax=axes[row - len(maps) : row, :].ravel().tolist(), shrink=0.9, pad=0.01)
+        bar.set_label(f"{kind} ({units})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
