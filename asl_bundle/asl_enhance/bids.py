@@ -17,6 +17,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import HeaderDataError
 
 VOLUME_TYPES = ("control", "label", "m0scan", "deltam", "cbf", "norf")
 ASL_SUFFIXES = ("_asl.nii.gz", "_asl.nii")
@@ -27,8 +28,8 @@ class ASLInputError(ValueError):
 
     def __init__(self, path: str | Path, problem: str):
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        self.problem = " ".join(str(problem).split())  # always one line
+        super().__init__(f"{path}: {self.problem}")
 
 
 @dataclass
@@ -67,11 +68,14 @@ def _first_existing(*paths: Path) -> Path | None:
     return next((p for p in paths if p.exists()), None)
 
 
-def find_asl_series(dataset_dir: str | Path, truth_dir: str | Path | None = None) -> list[dict[str, str]]:
+def find_asl_series(
+    dataset_dir: str | Path, truth_dir: str | Path | None = None, include_incomplete: bool = False
+) -> list[dict[str, str]]:
     """List every ``*_asl.nii[.gz]`` with a sibling ``*_aslcontext.tsv`` as a MONAI data item.
 
     ``derivatives`` folders are skipped. ``truth_dir`` (a simulator's derivatives folder) adds the
-    noise-free deltaM of each series under the key ``truth`` when present.
+    noise-free deltaM of each series under the key ``truth`` when present. ``include_incomplete``
+    lists series without an aslcontext too, so that reading them reports the missing file.
     """
     root = Path(dataset_dir)
     if not root.is_dir():
@@ -82,7 +86,7 @@ def find_asl_series(dataset_dir: str | Path, truth_dir: str | Path | None = None
         if "derivatives" in rel.parts or not asl.name.endswith(ASL_SUFFIXES):
             continue
         context = _sibling(asl, "_aslcontext.tsv")
-        if not context.exists():
+        if not context.exists() and not include_incomplete:
             continue
         item = {
             "asl": str(asl),
@@ -104,6 +108,8 @@ def find_asl_series(dataset_dir: str | Path, truth_dir: str | Path | None = None
 def read_aslcontext(path: str | Path) -> list[str]:
     """Volume types from an ``aslcontext.tsv`` (one column ``volume_type``), lower-cased."""
     path = Path(path)
+    if not path.exists():
+        raise ASLInputError(path, "aslcontext is missing (needed to tell control, label and M0 volumes apart)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as err:
@@ -159,15 +165,28 @@ def form_pairs(volume_types: list[str], source: str | Path = "<aslcontext>") -> 
     return sorted(pairs, key=min)
 
 
+def _check_gzip(path: Path) -> None:
+    """Read a gzip stream to its end, so a truncated or corrupt file (bad CRC) is caught even
+    where nibabel would stop reading before the damage."""
+    with gzip.open(path, "rb") as stream:
+        while stream.read(1 << 24):
+            pass
+
+
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Image data (float32, scaling applied) and affine; corrupt files become ASLInputError."""
     path = Path(path)
     if not path.exists():
         raise ASLInputError(path, "file does not exist")
     try:
+        if path.name.endswith(".gz"):
+            _check_gzip(path)
         image = nib.load(str(path))
         data = np.asarray(image.get_fdata(dtype=np.float32))
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
+    except (
+        OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,
+        nib.filebasedimages.ImageFileError, HeaderDataError,
+    ) as err:  # fmt: skip
         raise ASLInputError(path, f"cannot read NIfTI ({type(err).__name__}: {err})") from None
     if not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))

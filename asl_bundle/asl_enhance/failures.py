@@ -38,9 +38,10 @@ def record_failure(engine: Engine, message: str) -> None:
 
 def find_series_or_exit(dataset_dir: str | Path, truth_dir: str | Path | None = None) -> list[dict[str, str]]:
     """:func:`find_asl_series` for command-line runs: a missing or empty data set folder prints one
-    line naming it and exits with status 2 (no traceback)."""
+    line naming it and exits with status 2 (no traceback). Series without an aslcontext are listed,
+    so that they fail with a line naming the missing file instead of being passed over."""
     try:
-        items = find_asl_series(dataset_dir, truth_dir)
+        items = find_asl_series(dataset_dir, truth_dir, include_incomplete=True)
         if not items:
             raise ASLInputError(dataset_dir, "no ASL series found (*_asl.nii[.gz] with a sibling *_aslcontext.tsv)")
     except ASLInputError as err:

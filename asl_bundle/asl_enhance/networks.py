@@ -23,7 +23,8 @@ def _in_plane(spatial_dims: int, size: int = 3) -> tuple[int, ...]:
 class DilatedTwoPathwayNet(nn.Module):
     """Backbone of Kim et al.: a stem, then local (plain) and global (dilated) pathways, merged.
 
-    Any input size works: no pooling, every convolution keeps the spatial shape.
+    Any input size works: no pooling, every convolution keeps the spatial shape. The last layer
+    starts at zero so an untrained enhancer returns its residual base unchanged.
     """
 
     def __init__(
@@ -31,11 +32,12 @@ class DilatedTwoPathwayNet(nn.Module):
         spatial_dims: int = 3,
         in_channels: int = 2,
         out_channels: int = 1,
-        features: int = 32,
+        features: int = 24,
         local_layers: int = 4,
         dilations: Sequence[int] = (2, 4, 8, 16),
         through_plane_kernel: int = 3,
         act: str = "PRELU",
+        zero_init_output: bool = True,
     ):
         super().__init__()
         stem_kernel = (3, 3) + (through_plane_kernel,) * (spatial_dims - 2)
@@ -61,6 +63,10 @@ class DilatedTwoPathwayNet(nn.Module):
             conv(2 * features, features, (1,) * spatial_dims),
             conv(features, out_channels, _in_plane(spatial_dims), last=True),
         )
+        if zero_init_output:  # start as the identity over the residual base: training only adds detail
+            last = self.merge[-1]
+            for param in last.parameters():
+                nn.init.zeros_(param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.stem(x)

@@ -1,0 +1,71 @@
+"""Networks keep any input shape (odd sizes, 2D and 3D), with the MONAI BasicUNet backbone too, and
+the default network scripts with TorchScript to the same output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from asl_enhance.networks import DilatedTwoPathwayNet, GaussianSmooth, ResidualEnhancer
+from monai.bundle import ConfigParser
+from monai.networks.nets import BasicUNet
+
+BUNDLE = Path(__file__).resolve().parents[1] / "asl_bundle"
+
+
+@pytest.mark.parametrize("size", [(37, 29, 7), (16, 16, 4), (5, 3, 1)])
+def test_two_pathway_3d_odd_sizes(size):
+    net = DilatedTwoPathwayNet(spatial_dims=3, in_channels=2, features=8)
+    with torch.no_grad():
+        assert net(torch.randn(2, 2, *size)).shape == (2, 1, *size)
+
+
+@pytest.mark.parametrize("size", [(37, 29), (8, 5)])
+def test_two_pathway_2d(size):
+    net = DilatedTwoPathwayNet(spatial_dims=2, in_channels=1, out_channels=2, features=8, dilations=(2, 4))
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, *size)).shape == (1, 2, *size)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(3, (37, 29, 7)), (2, (37, 29))])
+def test_residual_enhancer_basic_unet(spatial_dims, size):
+    backbone = BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=(4, 4, 8, 8, 16, 4))
+    net = ResidualEnhancer(backbone, spatial_dims=spatial_dims, pad_multiple=16, smooth_sigma=1.0).eval()
+    x = torch.randn(1, 2, *size)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (1, 1, *size)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(3, (37, 29, 7)), (2, (37, 29))])
+def test_residual_enhancer_zero_backbone_returns_base(spatial_dims, size):
+    backbone = DilatedTwoPathwayNet(spatial_dims=spatial_dims, in_channels=2, features=4)
+    last = backbone.merge[-1].conv
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    net = ResidualEnhancer(backbone, spatial_dims=spatial_dims, residual_channel=1).eval()
+    x = torch.randn(1, 2, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), x[:, 1:2])
+
+
+def test_gaussian_smooth_preserves_constants_and_shape():
+    smooth = GaussianSmooth(3, (1.0, 1.5, 0.0))
+    x = torch.full((2, 1, 9, 8, 3), 3.0)
+    torch.testing.assert_close(smooth(x), x)
+    assert GaussianSmooth(2, 0.0)(torch.randn(1, 1, 4, 4)).shape == (1, 1, 4, 4)
+    with pytest.raises(ValueError):
+        GaussianSmooth(3, (1.0, 1.0))
+
+
+def test_default_network_scripts_to_same_output():
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def").eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 2, 37, 29, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
