@@ -58,17 +58,22 @@ def write_qc_figure(
     groups: list[tuple[str, dict[str, np.ndarray], str, str]] = [("deltaM", deltam, "gray", deltam_units)]
     names = list(deltam)
     if len(names) >= 2:
-        groups.append(("change", {f"{names[1]} - {names[0]}": deltam[names[1]] - deltam[names[0]]}, "RdBu_r",
+        change = deltam[names[1]] - deltam[names[0]]
+        level = float(np.abs(deltam[names[0]][mask]).mean()) or 1.0
+        rms = 100 * float(np.sqrt(np.mean(change[mask] ** 2))) / level
+        groups.append(("change", {f"{names[1]} - {names[0]}\n(rms {rms:.1f}% of mean |dM|)": change}, "RdBu_r",
                        deltam_units))
     if cbf:
         groups.append(("CBF", cbf, "viridis", "ml/100g/min"))
     rows = sum(len(g[1]) for g in groups)
-    fig, axes = plt.subplots(rows, len(slices), figsize=(2.0 * len(slices) + 1.6, 2.0 * rows + 0.8), squeeze=False)
+    height = 2.0 * rows + 0.7
+    fig, axes = plt.subplots(rows, len(slices), figsize=(2.0 * len(slices) + 1.8, height), squeeze=False)
+    fig.subplots_adjust(top=1 - 0.85 / height, bottom=0.1 / height, left=0.1, right=0.9, hspace=0.08, wspace=0.03)
+    deltam_range = _limits(list(deltam.values()), mask)
     row = 0
     for kind, maps, cmap, units in groups:
-        if kind == "change":
-            bound = float(np.percentile(np.abs(next(iter(maps.values()))[mask]), 99)) or 1.0
-            vmin, vmax = -bound, bound
+        if kind == "change":  # half the deltaM range: small changes look small, removed noise shows
+            vmin, vmax = -0.5 * deltam_range[1], 0.5 * deltam_range[1]
         else:
             vmin, vmax = _limits(list(maps.values()), mask)
             if kind == "CBF":
