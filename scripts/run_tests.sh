@@ -2,7 +2,7 @@
 # Set up the project with its test extras, lint it, and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup_env.sh data,test
+source scripts/setup_env.sh data,test,benchmark
 set -euo pipefail
 ruff check asl_bundle scripts tests
 python -m pytest tests "$@"

@@ -1,0 +1,125 @@
+"""The MONAI Deploy app (deploy/app.py) on tiny BIDS-ASL input: run in one Python process through the
+Application API with HOLOSCAN_* variables, and as the documented command with -i/-o/-m; its float32 outputs
+carry the input's affine and equal the bundle's own ``monai.bundle run`` inference.
+
+The App SDK lives in its own venv (.venv-deploy, ~1.5 GB with torch): these tests skip without it. Create it
+with: python3 -m venv .venv-deploy; .venv-deploy/bin/pip install torch==2.13.0 (the CPU build), then
+.venv-deploy/bin/pip install -r deploy/requirements.txt."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import AFFINE, phantom_series, write_series
+from monai.bundle import ConfigParser
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "asl_bundle"
+CONFIGS = BUNDLE / "configs"
+DEPLOY_PY = ROOT / ".venv-deploy" / "bin" / "python"
+pytestmark = pytest.mark.skipif(
+    not DEPLOY_PY.exists(), reason="no .venv-deploy (MONAI Deploy App SDK venv, ~1.5 GB): see deploy/README"
+)
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore", "ASL_NUM_PAIRS": "2"}
+ENV.pop("PYTHONPATH", None)  # the deploy venv must not see the project venv's packages
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, Path]:
+    """Two series (M0 included / separate M0 and label-first, rotated affine), weights and their model.ts."""
+    root = tmp_path_factory.mktemp("deploy")
+    data = root / "data"
+    volumes, types, _ = phantom_series((20, 18, 8), num_pairs=4, seed=0)
+    write_series(data / "sub-01" / "perf", "sub-01", volumes, types)
+    volumes, types, _ = phantom_series((20, 18, 8), num_pairs=3, seed=1, label_first=True, m0_volumes=0)
+    affine = AFFINE.copy()
+    affine[:3, :3] = np.array([[0, -2.5, 0], [2.5, 0, 0], [0, 0, 4.0]])
+    write_series(data / "sub-02" / "ses-1" / "perf", "sub-02_ses-1", volumes, types, m0=volumes[..., 0] * 1.2 + 100,
+                 affine=affine)  # fmt: skip
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    torch.manual_seed(3)
+    net = parser.get_parsed_content("network_def")
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    torch.save(net.state_dict(), root / "model.pt")
+    env = {**ENV, "PYTHON": sys.executable}
+    export = ["bash", str(ROOT / "scripts" / "export_model.sh"), "--ckpt", str(root / "model.pt"),
+              "--out", str(root / "model.ts")]  # fmt: skip
+    result = subprocess.run(export, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bundle_out = root / "bundle_out"
+    run = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
+           "--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--output_dir", str(bundle_out),
+           "--num_pairs", "2", "--handlers#0#load_path", str(root / "model.pt"), "--writer#write_cbf", "false",
+           "--writer#write_qc", "false"]  # fmt: skip
+    result = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"root": root, "data": data, "model": root / "model.ts", "bundle_out": bundle_out}
+
+
+def check_against_bundle(out: Path, bundle_out: Path, data: Path, stems: list[str]) -> None:
+    found = sorted(p.relative_to(out) for p in out.rglob("*_desc-enhanced_deltam.nii.gz"))
+    assert [p.name.split("_desc-")[0] for p in found] == stems
+    for rel in found:
+        app_img, ref_img = nib.load(out / rel), nib.load(bundle_out / rel)
+        source = nib.load(next(data.rglob(rel.name.split("_desc-")[0] + "_asl.nii.gz")))
+        assert app_img.get_data_dtype() == np.float32
+        np.testing.assert_allclose(app_img.affine, source.affine, atol=1e-6)  # the input's affine, kept
+        want = ref_img.get_fdata(dtype=np.float32)
+        got = app_img.get_fdata(dtype=np.float32)
+        assert np.abs(want).max() > 1.0  # real deltaM, not a uint8-cast or empty map
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+        mean = nib.load(out / str(rel).replace("desc-enhanced", "desc-mean")).get_fdata(dtype=np.float32)
+        np.testing.assert_allclose(mean, nib.load(bundle_out / str(rel).replace("desc-enhanced", "desc-mean"))
+                                   .get_fdata(dtype=np.float32), rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def test_app_in_process_with_holoscan_env(case, tmp_path):
+    """One Python process builds and runs the Application (paths from HOLOSCAN_* variables)."""
+    out = tmp_path / "out"
+    env = {**ENV, "HOLOSCAN_INPUT_PATH": str(case["data"]), "HOLOSCAN_OUTPUT_PATH": str(out),
+           "HOLOSCAN_MODEL_PATH": str(case["model"])}  # fmt: skip
+    code = f"import sys; sys.argv = ['app.py']; sys.path.insert(0, {str(ROOT / 'deploy')!r}); " \
+           "from app import ASLEnhanceApp; ASLEnhanceApp().run()"  # fmt: skip
+    result = subprocess.run([str(DEPLOY_PY), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=env)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_against_bundle(out, case["bundle_out"], case["data"], ["sub-01", "sub-02_ses-1"])
+
+
+def test_app_command_on_one_nifti(case, tmp_path):
+    """``python deploy/app.py -i SERIES.nii.gz -o OUT -m model.ts``: a single series file as input."""
+    out = tmp_path / "out"
+    series = case["data"] / "sub-02" / "ses-1" / "perf" / "sub-02_ses-1_asl.nii.gz"
+    cmd = [str(DEPLOY_PY), str(ROOT / "deploy" / "app.py"), "-i", str(series), "-o", str(out), "-m", str(case["model"])]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # a single file has no BIDS folders above it: outputs go to the output root
+    files = sorted(p.name for p in out.rglob("*.nii.gz"))
+    assert files == ["sub-02_ses-1_desc-enhanced_deltam.nii.gz", "sub-02_ses-1_desc-mean_deltam.nii.gz"]
+    ref = case["bundle_out"] / "sub-02" / "ses-1" / "perf"
+    got = nib.load(out / files[0])
+    np.testing.assert_allclose(got.get_fdata(dtype=np.float32),
+                               nib.load(ref / files[0]).get_fdata(dtype=np.float32), rtol=1e-5, atol=1e-3)  # fmt: skip
+    np.testing.assert_allclose(got.affine, nib.load(series).affine, atol=1e-6)
+
+
+def test_app_rejects_input_without_aslcontext(case, tmp_path):
+    bare = tmp_path / "in" / "sub-09_asl.nii.gz"
+    bare.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2, 4), np.float32), AFFINE), bare)
+    cmd = [str(DEPLOY_PY), str(ROOT / "deploy" / "app.py"), "-i", str(bare), "-o", str(tmp_path / "out"),
+           "-m", str(case["model"])]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+    assert result.returncode != 0
+    assert "aslcontext" in result.stdout + result.stderr
+    assert not list(tmp_path.rglob("*_deltam.nii.gz"))
