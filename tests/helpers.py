@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "asl_bundle"
+CONFIGS = BUNDLE / "configs"
 
 AFFINE = np.diag([3.0, 3.0, 5.0, 1.0])
 AFFINE[:3, 3] = [-40.0, -50.0, -20.0]
@@ -67,3 +74,11 @@ def phantom_series(
             volumes.append(vol)
             types.append(kind)
     return np.stack(volumes, axis=-1), types, deltam
+
+
+def bundle_run(config: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of one of the bundle's configs (in a subprocess)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config)]
+    cmd += ["--bundle_root", str(BUNDLE), *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

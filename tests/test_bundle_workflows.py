@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,22 +13,11 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance.bids import find_asl_series
-from helpers import AFFINE, phantom_series, write_series
+from helpers import AFFINE, BUNDLE, CONFIGS, bundle_run, phantom_series, write_series
 from monai.bundle import ConfigParser
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "asl_bundle"
-CONFIGS = BUNDLE / "configs"
 SHAPE = (20, 18, 8)
 SCALE_C = 3.7
-
-
-def bundle_run(config: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` of one of the bundle's configs (in a subprocess)."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config)]
-    cmd += ["--bundle_root", str(BUNDLE), *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def _parser(config: str, **override) -> ConfigParser:

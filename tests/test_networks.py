@@ -69,3 +69,41 @@ def test_default_network_scripts_to_same_output():
     x = torch.randn(1, 2, 37, 29, 7)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+SIGMAS = [[0.0, 0.0, 0.0], [1.0, 1.0, 0.5], [2.0, 2.0, 1.0]]
+
+
+def _scale_mixer(residual: bool = True):
+    from asl_enhance.networks import ScaleMixingEnhancer
+
+    backbone = DilatedTwoPathwayNet(in_channels=2 + len(SIGMAS), out_channels=len(SIGMAS) + 1, features=6)
+    return ScaleMixingEnhancer(backbone, SIGMAS, residual=residual).eval()
+
+
+def test_scale_mixer_starts_as_the_average_blur():
+    """At initialisation the weights are uniform and the residual zero: the output is the mean of the
+    blurred stack, so an untrained model already smooths and keeps the level."""
+    net = _scale_mixer()
+    x = torch.randn(1, 2, 21, 19, 6)
+    stack = torch.cat([GaussianSmooth(3, s)(x[:, :1]) for s in SIGMAS], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), stack.mean(dim=1, keepdim=True))
+
+
+def test_scale_mixer_keeps_a_constant_level_whatever_the_weights():
+    net = _scale_mixer(residual=False)
+    for param in net.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.cat([torch.full((1, 1, 17, 15, 5), 2.5), torch.randn(1, 1, 17, 15, 5)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), torch.full((1, 1, 17, 15, 5), 2.5))
+
+
+def test_scale_mixer_scripts_to_the_same_output():
+    net = _scale_mixer()
+    for param in net.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    x = torch.randn(1, 2, 23, 17, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x))

@@ -76,7 +76,7 @@ class SeriesFailureReport:
         from .handlers import _items
 
         for item in _items(engine):
-            self.seen += 1
+            self.seen += int(item.get("input_group", 0) or 0) == 0  # input groups of one series count once
             if item.get("error"):
                 record_failure(engine, item["error"])
 
@@ -92,3 +92,24 @@ class SeriesFailureReport:
         """Exit with status 1 when a series failed (call after the engine has finished)."""
         if self.failures and self.exit_on_failure:
             raise SystemExit(EXIT_SERIES_FAILED)
+
+
+def usable_series(items: list[dict[str, str]], min_pairs: int = 2) -> list[dict[str, str]]:
+    """The series of a training set that read cleanly and have at least ``min_pairs`` pairs; each
+    one left out is named in a warning, so one broken series never stops a training run."""
+    from .bids import load_asl_series
+
+    usable = []
+    for item in items:
+        try:
+            series = load_asl_series(item)
+            if series.num_pairs < min_pairs:
+                raise ASLInputError(item["asl"], f"has {series.num_pairs} pairs, training needs {min_pairs}")
+        except ASLInputError as err:
+            logger.warning("skipped series for training: %s", err)
+            print(f"WARNING: skipped series for training: {err}", file=sys.stderr, flush=True)
+            continue
+        usable.append(item)
+    if not usable:
+        raise ASLInputError(items[0]["dataset_dir"] if items else "<data set>", "no usable series to train on")
+    return usable

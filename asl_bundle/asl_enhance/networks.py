@@ -74,32 +74,41 @@ class DilatedTwoPathwayNet(nn.Module):
 
 
 class GaussianSmooth(nn.Module):
-    """Fixed Gaussian (sigma in voxels per axis; 0 = none on that axis) as one convolution with
-    replicate padding, so it scripts and exports like any layer."""
+    """Fixed separable Gaussian (sigma in voxels per axis; 0 = none on that axis): one 1D
+    convolution per axis with replicate padding, so it is cheap even for wide kernels and it scripts
+    and exports like any layer."""
 
     def __init__(self, spatial_dims: int, sigma: float | Sequence[float]):
         super().__init__()
         sigmas = [float(s) for s in (sigma if isinstance(sigma, Sequence) else [sigma] * spatial_dims)]
-        if len(sigmas) != spatial_dims:
-            raise ValueError(f"sigma needs {spatial_dims} values, got {sigmas}")
-        kernel = torch.ones([1] * spatial_dims)
-        for axis, s in enumerate(sigmas):
-            taps = gaussian_1d(torch.tensor(s), truncated=3.0).float() if s > 0 else torch.ones(1)
-            shape = [1] * spatial_dims
-            shape[axis] = taps.numel()
-            kernel = kernel * taps.reshape(shape)
+        if len(sigmas) != spatial_dims or spatial_dims not in (2, 3):
+            raise ValueError(f"sigma needs {spatial_dims} values (2D or 3D), got {sigmas}")
         self.spatial_dims = spatial_dims
-        self.identity = all(s <= 0 for s in sigmas)
-        self.padding = [n // 2 for size in reversed(kernel.shape) for n in (size, size)]
-        self.register_buffer("kernel", (kernel / kernel.sum())[None, None], persistent=False)
+        taps = [gaussian_1d(torch.tensor(s), truncated=3.0).float() if s > 0 else torch.ones(1) for s in sigmas]
+        taps += [torch.ones(1)] * (3 - spatial_dims)
+        self.active = [t.numel() > 1 for t in taps]
+        self.identity = not any(self.active)
+        self.register_buffer("kernel_x", (taps[0] / taps[0].sum()).reshape(1, 1, -1, 1, 1), persistent=False)
+        self.register_buffer("kernel_y", (taps[1] / taps[1].sum()).reshape(1, 1, 1, -1, 1), persistent=False)
+        self.register_buffer("kernel_z", (taps[2] / taps[2].sum()).reshape(1, 1, 1, 1, -1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.identity:
             return x
-        b, c = x.shape[0], x.shape[1]
-        flat = F.pad(x.reshape([b * c, 1] + list(x.shape[2:])), self.padding, mode="replicate")
-        out = F.conv3d(flat, self.kernel) if self.spatial_dims == 3 else F.conv2d(flat, self.kernel)
-        return out.reshape(x.shape)
+        shape = x.shape
+        out = x.reshape([shape[0] * shape[1], 1] + list(shape[2:]))
+        if self.spatial_dims == 2:
+            out = out.unsqueeze(-1)
+        if self.active[0]:
+            r = self.kernel_x.shape[2] // 2
+            out = F.conv3d(F.pad(out, [0, 0, 0, 0, r, r], mode="replicate"), self.kernel_x)
+        if self.active[1]:
+            r = self.kernel_y.shape[3] // 2
+            out = F.conv3d(F.pad(out, [0, 0, r, r, 0, 0], mode="replicate"), self.kernel_y)
+        if self.active[2]:
+            r = self.kernel_z.shape[4] // 2
+            out = F.conv3d(F.pad(out, [r, r, 0, 0, 0, 0], mode="replicate"), self.kernel_z)
+        return out.reshape(shape)
 
 
 class ResidualEnhancer(nn.Module):
@@ -137,3 +146,40 @@ class ResidualEnhancer(nn.Module):
         if out.dim() == 5:
             return out[:, :, : sizes[0], : sizes[1], : sizes[2]]
         return out[:, :, : sizes[0], : sizes[1]]
+
+
+class ScaleMixingEnhancer(nn.Module):
+    """Output = per-voxel softmax mix of the k-pair mean blurred at several widths (+ a residual).
+
+    The backbone sees the input and the blurred stack and predicts, for every voxel, how much of each
+    width to use: wide where the M0 guide is flat, narrow at tissue edges and lesion borders. Weights
+    sum to one, so the global level is kept by construction, and at initialisation (zero last layer)
+    the output is the average of the stack, already a reasonable blur. A kernel-prediction head on
+    Kim et al.'s two-pathway backbone; ``residual`` adds a free correction channel for fine detail.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sigmas: Sequence[Sequence[float]],
+        spatial_dims: int = 3,
+        mean_channel: int = 0,
+        residual: bool = True,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.smoothers = nn.ModuleList([GaussianSmooth(spatial_dims, s) for s in sigmas])
+        self.num_scales = len(sigmas)
+        self.mean_channel = mean_channel
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.mean_channel
+        mean = x[:, c : c + 1]
+        stack = torch.cat([smooth(mean) for smooth in self.smoothers], dim=1)
+        out = self.backbone(torch.cat([x, stack], dim=1))
+        weights = torch.softmax(out[:, : self.num_scales], dim=1)
+        mixed = (weights * stack).sum(dim=1, keepdim=True)
+        if self.residual:
+            mixed = mixed + out[:, self.num_scales : self.num_scales + 1]
+        return mixed

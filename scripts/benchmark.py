@@ -1,0 +1,665 @@
+"""Benchmark of the ASL enhancement bundle against averaging and classical denoisers (issue 8).
+
+Usage (from the repository root):
+    python scripts/benchmark.py --val_dir data/bench_val --test_dir data/bench_test \\
+        [--real_dir .cache/real/ds000240] [--model NAME=path/model.pt[:config.json][:key=value,...] ...] \\
+        [--k 1 2 3 4] [--out_dir asl_bundle/docs/benchmark] [--quick]
+
+For k input pairs it compares, on held-out simulated subjects (noise-free truth) and on a real scan
+(noise-corrected error against the pairs not used): the k-pair mean; Gaussian smoothing, non-local
+means, BM3D and an M0-guided filter, each tuned per k on the simulated validation split; the Gaussian
+whose width is chosen per scan from its own pairs (self-tuned) and the Gaussian at the width best for
+each test set (oracle, an upper bound); the mean of all pairs with and without the best classical
+denoiser (today's full scan); and the bundle's network(s), run through the bundle's own transforms.
+
+Masks: simulated scores are inside the brain (truth GM + WM + CSF probability > 0.5); the real scan
+has no segmentation, so its scores are inside the head mask of the bundle's normalisation (guide above
+20 % of its 99th percentile). Lesion CBF error: both the estimate and the noise-free deltaM are
+quantified with the bundle's white-paper quantification (same M0 and sidecar); the error is the mean
+absolute difference inside the lesion mask, in ml/100 g/min.
+
+Outputs in --out_dir: benchmark.csv (one row per series, k, pair group and method),
+benchmark_summary.csv (medians), benchmark.png (k = 2), benchmark.json (tuned parameters, command,
+versions). A markdown summary and one line per target go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "asl_bundle"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import classical_denoisers as cd  # noqa: E402
+from asl_enhance import smoothing  # noqa: E402
+from asl_enhance.bids import find_asl_series, load_nifti  # noqa: E402
+from asl_enhance.metrics import effective_pairs, nmse, nmse_corrected, per_pair_nmse, psnr_ssim  # noqa: E402
+from asl_enhance.quantification import compute_cbf, quantify_series  # noqa: E402
+from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, RestoreScaled, SelectPairsd  # noqa: E402
+
+CLASSICAL = ("gaussian", "nlm", "bm3d", "guided")
+#: central slices of each validation series on which slow (slice-wise) denoisers are tuned
+TUNE_SLICES = 6
+#: validation series used to tune the slow denoisers and to rank the classical ones
+TUNE_SERIES = 5
+#: NLM and BM3D run on this many test series / real-scan groups only, unless best classical
+SLOW_SERIES, SLOW_GROUPS = 5, 4
+MAX_REAL_GROUPS = 10
+METHOD_ORDER = ("mean_k", *CLASSICAL, "gaussian_self", "gaussian_oracle")
+METRICS = ("nmse_truth", "psnr", "ssim", "nmse_corrected", "effective_pairs", "lesion_cbf_mae", "level_ratio",
+           "seconds")
+SHORTCUTS = {"features": "backbone#features", "local_layers": "backbone#local_layers",
+             "smoothing_sigmas": "smoothing_sigmas", "use_guide": "use_guide"}
+
+
+
+# -------------------------------------------------------------------------------------------- data
+@dataclass
+class Series:
+    """One loaded series: the bundle's loaded data item plus masks and what scoring needs."""
+
+    name: str
+    item: dict[str, Any]
+    voxel: tuple[float, ...]
+    brain: np.ndarray  # scoring mask
+    truth: np.ndarray | None = None
+    lesion: np.ndarray | None = None
+    cbf_params: Any = None
+    m0: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.item["pairs"].shape[0])
+
+
+def load_series(dataset_dir: Path, simulated: bool, limit: int | None) -> list[Series]:
+    """Load every series of a data set with the bundle's LoadASLSeriesd (and truth maps if simulated)."""
+    truth_dir = dataset_dir / "derivatives" / "simulation" if simulated else None
+    items = find_asl_series(dataset_dir, truth_dir)
+    if simulated:
+        items = [i for i in items if "truth" in i]
+    out = []
+    for item in items[:limit]:
+        d = LoadASLSeriesd()(item)
+        voxel = tuple(float(v) for v in np.linalg.norm(d["affine"][:3, :3], axis=0))
+        m0 = d["guide"] if d["guide_source"] == "m0" else None
+        s = Series(f"{item['rel_dir']}/{item['stem']}", d, voxel, np.zeros(d["guide"].shape, bool), m0=m0)
+        if simulated:
+            base = Path(item["truth"]).parent / item["stem"]
+            seg = sum(load_nifti(f"{base}_label-{t}_probseg.nii.gz")[0] for t in ("GM", "WM", "CSF"))
+            s.brain, s.truth = seg > 0.5, d["truth"]
+            s.lesion = load_nifti(f"{base}_desc-lesion_mask.nii.gz")[0] > 0.5
+            cbf = quantify_series(d, {"truth": s.truth}, m0)
+            if cbf.maps:
+                s.cbf_params, s.extra["truth_cbf_wp"] = cbf.params, cbf.maps["truth"]
+        else:
+            s.brain = prepare(s, list(range(s.num_pairs)))["mask"][0] > 0.5
+        out.append(s)
+    return out
+
+
+def prepare(series: Series, group: Sequence[int]) -> dict[str, Any]:
+    """The bundle's SelectPairsd + NormalizeASLd with ``group`` as input and the other pairs as reference."""
+    pairs = series.item["pairs"]
+    rest = [i for i in range(pairs.shape[0]) if i not in set(group)]
+    d = dict(series.item, pairs=pairs[list(group) + rest])
+    d = SelectPairsd(num_input_pairs=len(group), mode="first", target="none")(d)
+    return NormalizeASLd(keys=("input_mean",), use_guide=True)(d)
+
+
+def groups_for(num_pairs: int, k: int, max_groups: int) -> list[list[int]]:
+    """Disjoint groups of k consecutive pairs, each leaving at least one pair as reference."""
+    count = min(max_groups, num_pairs // k) if k < num_pairs else 0
+    return [list(range(g * k, (g + 1) * k)) for g in range(count)]
+
+
+# ------------------------------------------------------------------------------------------ models
+@dataclass
+class Model:
+    name: str
+    net: torch.nn.Module
+    use_guide: bool
+    spec: str
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_model(spec: str, default_config: Path) -> Model:
+    """NAME=weights.pt[:config.json][:key=value,key=value]: the config's network_def with overrides."""
+    from monai.bundle import ConfigParser
+
+    name, _, rest = spec.partition("=")
+    if not rest:
+        raise SystemExit(f"--model {spec!r}: expected NAME=path/to/model.pt[:config.json][:key=value,...]")
+    weights, *options = rest.split(":")
+    config, overrides = default_config, {}
+    for option in options:
+        if option.endswith(".json"):
+            config = Path(option)
+        else:
+            for pair in filter(None, re.split(r",(?![^\[]*\])", option)):  # commas outside [...]
+                key, _, value = pair.partition("=")
+                overrides[SHORTCUTS.get(key, key)] = parse_value(value)
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    for key, value in overrides.items():
+        parser[key] = value
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    net.load_state_dict(state)
+    return Model(name, net.eval(), bool(parser.get_parsed_content("use_guide")), spec)
+
+
+@torch.inference_mode()
+def run_model(model: Model, prep: dict[str, Any]) -> np.ndarray:
+    """Network output in the input's units, restored with the bundle's RestoreScaled."""
+    image = prep["image"] if model.use_guide else prep["image"][:1]
+    pred = model.net(torch.as_tensor(image[None]))[0, 0].numpy()
+    return RestoreScaled(keys="pred")({"pred": pred, "scale": prep["scale"]})["pred"]
+
+
+def time_model(model: Model, shape: tuple[int, int, int], repeats: int = 3) -> float:
+    """Warm CPU seconds per volume on random input of ``shape`` (median of ``repeats``)."""
+    channels = 2 if model.use_guide else 1
+    x = torch.rand((1, channels, *shape))
+    times = []
+    with torch.inference_mode():
+        model.net(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.net(x)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+# ---------------------------------------------------------------------------------------- scoring
+def score(series: Series, prep: dict[str, Any], estimate: np.ndarray) -> dict[str, float]:
+    """Every metric of one estimate; NaN where it does not apply."""
+    mask = series.brain
+    out = dict.fromkeys(METRICS, math.nan)
+    if "other_mean" in prep:
+        ref, var = prep["other_mean"], prep["target_noise_var"]
+        out["nmse_corrected"] = nmse_corrected(estimate, ref, var, mask)
+        single = per_pair_nmse(prep["pair_noise_var"], ref, var, mask)
+        out["effective_pairs"] = effective_pairs(out["nmse_corrected"], single)
+        out["level_ratio"] = float(estimate[mask].mean() / ref[mask].mean())
+    if series.truth is not None:
+        truth = series.truth
+        out["nmse_truth"] = nmse(estimate, truth, mask)
+        out["psnr"], out["ssim"] = psnr_ssim(estimate, truth, mask)
+        out["level_ratio"] = float(estimate[mask].mean() / truth[mask].mean())
+        if series.cbf_params is not None and series.lesion is not None and series.lesion.any():
+            cbf = compute_cbf(estimate, series.m0, series.cbf_params)
+            out["lesion_cbf_mae"] = float(np.abs(cbf - series.extra["truth_cbf_wp"])[series.lesion].mean())
+    return out
+
+
+def classical_fn(name: str, params: dict[str, Any]) -> Callable[[dict[str, Any]], np.ndarray]:
+    """Apply a tuned classical denoiser in normalised units and restore the series' units."""
+    denoiser = cd.DENOISERS[name][0]
+    return lambda prep: denoiser(prep["image"][0], prep["image"][1], params) * float(prep["scale"])
+
+
+@contextmanager
+def fast_smoothing() -> Iterator[None]:
+    """self_tuned_sigma_mm calls asl_enhance.smoothing.gaussian_smooth many times; the separable version
+    gives the same result (MONAI taps, replicate borders; equal to 1e-6) 10-50x faster on CPU."""
+    original = smoothing.gaussian_smooth
+    smoothing.gaussian_smooth = cd.separable_gaussian
+    try:
+        yield
+    finally:
+        smoothing.gaussian_smooth = original
+
+
+def self_tuned_fn(series: Series, group: Sequence[int]) -> Callable[[dict[str, Any]], np.ndarray]:
+    """Gaussian at the width chosen from the scan's own input pairs (head mask; k >= 2)."""
+
+    def run(prep: dict[str, Any]) -> np.ndarray:
+        with fast_smoothing():
+            sigma_mm = smoothing.self_tuned_sigma_mm(series.item["pairs"][list(group)], series.voxel,
+                                                     prep["mask"][0] > 0)
+        prep["self_sigma_mm"] = sigma_mm
+        return cd.separable_gaussian(prep["input_mean"], smoothing.sigma_in_voxels(sigma_mm, series.voxel))
+
+    return run
+
+
+def timed(fn: Callable[[dict[str, Any]], np.ndarray], prep: dict[str, Any]) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    out = fn(prep)
+    return np.asarray(out, np.float32), time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------- tuning
+def slab_of(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The central TUNE_SLICES slices of the brain (slice-wise denoisers give the same result on them)."""
+    z = np.flatnonzero(brain.any(axis=(0, 1)))
+    lo = max(0, (int(z[len(z) // 2]) if z.size else brain.shape[2] // 2) - TUNE_SLICES // 2)
+    return np.ascontiguousarray(volume[..., lo : lo + TUNE_SLICES])
+
+
+def tuning_cases(series: list[Series], k: int) -> list[tuple[np.ndarray, ...]]:
+    """(input, guide, truth, mask) in normalised units, one per validation series with >= k pairs."""
+    cases = []
+    for s in series:
+        if s.num_pairs >= k:
+            prep = prepare(s, list(range(k)))
+            cases.append((prep["image"][0], prep["image"][1], s.truth / prep["scale"], s.brain))
+    return cases
+
+
+def rank_error(name: str, params: dict[str, Any], cases: list[tuple[np.ndarray, ...]]) -> float:
+    """Geometric-mean NMSE on the central slabs; the 3D Gaussian runs on the whole volume, then is cut."""
+    fn, errors = cd.DENOISERS[name][0], []
+    for x, g, t, m in cases:
+        if name == "gaussian":
+            out = slab_of(fn(x, g, params), m)
+        else:
+            x, g = slab_of(x, m), slab_of(g, m)
+            out = fn(x, g, params)
+        errors.append(nmse(out, slab_of(t, m), slab_of(m, m)))
+    return cd.geometric_mean(errors)
+
+
+def tune_all(val: list[Series], ks: Sequence[int], grids: dict[str, list[dict]], log) -> dict[int, dict]:
+    """Per k: tuned parameters of each classical denoiser and the best one on the validation split.
+
+    The Gaussian (3D) is tuned on whole volumes of every series, the slice-wise guided filter on the
+    central slabs of every series, NLM and BM3D (slow) on the slabs of the first TUNE_SERIES; the
+    four are ranked on those TUNE_SERIES slabs (the Gaussian applied to the whole volume, then cut)."""
+    tuned: dict[int, dict] = {}
+    for k in ks:
+        start = time.perf_counter()
+        full = tuning_cases(val, k)
+        slab = [tuple(slab_of(a, m) for a in (x, g, t, m)) for x, g, t, m in full]
+        params = {"gaussian": cd.tune_gaussian(full, *grids["gaussian"])[0]}
+        params["guided"] = cd.tune(cd.guided, grids["guided"], slab)[0]
+        ranking = {name: rank_error(name, params[name], full[:TUNE_SERIES]) for name in ("gaussian", "guided")}
+        for name in ("nlm", "bm3d"):  # tuned on exactly the ranking slabs: reuse the score
+            params[name], scores = cd.tune(cd.DENOISERS[name][0], grids[name], slab[:TUNE_SERIES])
+            ranking[name] = min(scores)
+        best = min(ranking, key=ranking.get)
+        tuned[k] = {"params": params, "val_slab_nmse": ranking, "best": best}
+        log(f"tuned k={k} in {time.perf_counter() - start:.0f}s: best {best}; {json.dumps(params)}")
+    return tuned
+
+
+def oracle_sigma(cases: list[tuple[Series, dict]], grid: list[dict], corrected: bool) -> dict[str, float]:
+    """Gaussian width best for a whole test set (upper bound): geometric-mean truth NMSE, or median
+    corrected error (real; it can be negative)."""
+    scores = []
+    for params in grid:
+        errs = []
+        for s, prep in cases:
+            est = cd.gaussian(prep["input_mean"], None, params)  # type: ignore[arg-type]
+            if corrected:
+                errs.append(nmse_corrected(est, prep["other_mean"], prep["target_noise_var"], s.brain))
+            else:
+                errs.append(nmse(est, s.truth, s.brain))
+        scores.append(float(np.median(errs)) if corrected else cd.geometric_mean(errs))
+    return dict(grid[int(np.argmin(scores))])
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@dataclass
+class Run:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    figure: dict[str, dict[str, Any]] = field(default_factory=dict)
+    oracle: dict[str, dict[int, dict]] = field(default_factory=dict)
+
+
+def evaluate_set(
+    label: str, series: list[Series], ks: Sequence[int], tuned: dict[int, dict], models: list[Model],
+    gauss_grid: list[dict], real: bool, run: Run, log,
+) -> None:
+    """Score every method on every series (simulated) or pair group (real) of one data set."""
+    max_groups = MAX_REAL_GROUPS if real else 1
+    for k in ks:
+        start = time.perf_counter()
+        cases = [(s, g, prepare(s, g)) for s in series for g in groups_for(s.num_pairs, k, max_groups)]
+        if not cases:
+            continue
+        oracle = oracle_sigma([(s, p) for s, _, p in cases], gauss_grid, corrected=real)
+        run.oracle.setdefault(label, {})[k] = oracle
+        best = tuned[k]["best"]
+        for index, (s, group, prep) in enumerate(cases):
+            methods: dict[str, tuple[Callable, dict]] = {"mean_k": (lambda p: p["input_mean"], {})}
+            slow_ok = (index < SLOW_GROUPS) if real else (series.index(s) < SLOW_SERIES)
+            for name in CLASSICAL:
+                if name == best or not cd.DENOISERS[name][2] or slow_ok:
+                    methods[name] = (classical_fn(name, tuned[k]["params"][name]), tuned[k]["params"][name])
+            if k >= 2:
+                methods["gaussian_self"] = (self_tuned_fn(s, group), {})
+            methods["gaussian_oracle"] = (classical_fn("gaussian", oracle), oracle)
+            for model in models:
+                methods[model.name] = (lambda p, m=model: run_model(m, p), {"spec": model.spec})
+            keep = k == 2 and (s is series[0]) and group == groups_for(s.num_pairs, k, max_groups)[0]
+            for method, (fn, params) in methods.items():
+                estimate, seconds = timed(fn, prep)
+                if "self_sigma_mm" in prep and method == "gaussian_self":
+                    params = {"sigma_mm": prep.pop("self_sigma_mm")}
+                add_row(run, label, s, k, group, method, params, score(s, prep, estimate), seconds, best)
+                if keep:
+                    run.figure.setdefault(label, {"series": s, "prep": prep})[method] = estimate
+        log(f"{label} k={k}: {len(cases)} inputs in {time.perf_counter() - start:.0f}s")
+
+
+def evaluate_full_scan(label: str, series: list[Series], tuned: dict[int, dict], run: Run, log) -> None:
+    """Today's full scan: mean of all pairs, and after the best classical denoiser tuned for that many."""
+    for s in series:
+        n = s.num_pairs
+        if n not in tuned:
+            continue
+        prep = prepare(s, list(range(n)))
+        best = tuned[n]["best"]
+        methods = {"mean_all": (lambda p: p["input_mean"], {}),
+                   f"mean_all+{best}": (classical_fn(best, tuned[n]["params"][best]), tuned[n]["params"][best])}
+        for method, (fn, params) in methods.items():
+            estimate, seconds = timed(fn, prep)
+            add_row(run, label, s, n, list(range(n)), method, params, score(s, prep, estimate), seconds, best)
+            if s is series[0] and method == "mean_all":
+                run.figure.setdefault(label, {"series": s, "prep": prep})[method] = estimate
+    log(f"{label}: full-scan rows done")
+
+
+def add_row(run: Run, label, s: Series, k: int, group, method: str, params, scores, seconds, best) -> None:
+    row = {"dataset": label, "series": s.name, "k": k, "group": "-".join(map(str, group)), "method": method,
+           "best_classical": best, "params": json.dumps(params, sort_keys=True)}
+    row.update({m: scores[m] for m in METRICS if m != "seconds"})
+    row["seconds"] = seconds
+    run.rows.append(row)
+
+
+# ---------------------------------------------------------------------------------------- summary
+def primary(dataset: str) -> str:
+    return "nmse_corrected" if dataset == "real" else "nmse_truth"
+
+
+def summarise(rows: list[dict[str, Any]], tuned: dict[int, dict]) -> list[dict[str, Any]]:
+    """Median per data set x k x method, with paired median ratios to the k-pair mean and best classical."""
+    index = {(r["dataset"], r["series"], r["k"], r["group"], r["method"]): r for r in rows}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["k"], r["method"])].append(r)
+    out = []
+    for (dataset, k, method), members in groups.items():
+        metric = primary(dataset)
+        summary = {"dataset": dataset, "k": k, "method": method, "n": len(members)}
+        for m in METRICS:
+            summary[m] = _nanmedian([r[m] for r in members])
+        best = tuned.get(k, {}).get("best", "")
+        for col, ref in (("ratio_to_mean_k", "mean_k"), ("ratio_to_best_classical", best)):
+            ratios = [r[metric] / index[key][metric] for r in members
+                      if (key := (dataset, r["series"], k, r["group"], ref)) in index and index[key][metric] > 0]
+            summary[col] = _nanmedian(ratios)
+        out.append(summary)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(out, key=lambda r: (r["dataset"], r["k"], order.get(r["method"], 50), r["method"]))
+
+
+def _nanmedian(values: Sequence[float]) -> float:
+    arr = np.asarray([v for v in values if v is not None], np.float64)
+    return float(np.nanmedian(arr)) if arr.size and np.isfinite(arr).any() else math.nan
+
+
+def markdown(summary: list[dict[str, Any]], k_show: int | None = None) -> str:
+    cols = ["dataset", "k", "method", "n", "nmse_truth", "psnr", "ssim", "nmse_corrected", "effective_pairs",
+            "lesion_cbf_mae", "level_ratio", "seconds", "ratio_to_mean_k", "ratio_to_best_classical"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in summary:
+        if k_show is not None and r["k"] != k_show and not r["method"].startswith("mean_all"):
+            continue
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def pivot(summary: list[dict[str, Any]]) -> str:
+    """Compact table: primary error per method (rows) and data set x k (columns)."""
+    keys = sorted({(r["dataset"], r["k"]) for r in summary if not r["method"].startswith("mean_all")},
+                  key=lambda t: (t[0] != "test", t[1]))
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    methods.sort(key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 50, m.startswith("mean_all")))
+    cell = {(r["dataset"], r["k"], r["method"]): r[primary(r["dataset"])] for r in summary}
+    head = [f"{'sim NMSE vs truth' if d == 'test' else 'real corrected NMSE'} k={k}" for d, k in keys]
+    lines = ["| method | " + " | ".join(head) + " |", "|" + "---|" * (len(keys) + 1)]
+    for m in methods:
+        if m.startswith("mean_all"):
+            values = [cell.get(("test", r["k"], m), math.nan) for r in summary if r["method"] == m][:1]
+            lines.append(f"| {m} (k = all) | " + " | ".join(_fmt(v) for v in values) + " |")
+            continue
+        lines.append(f"| {m} | " + " | ".join(_fmt(cell.get((d, k, m), math.nan)) for d, k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def paired_median(rows, dataset, k, method, ref_method, ref_k=None, metric=None) -> float:
+    """Median over inputs of metric(method) / metric(reference) on the same series (and pair group)."""
+    metric = metric or primary(dataset)
+    ref = {(r["series"], r["group"] if ref_k is None else ""): r[metric] for r in rows
+           if r["dataset"] == dataset and r["method"] == ref_method and r["k"] == (ref_k or k)}
+    ratios = [r[metric] / ref[key] for r in rows if r["dataset"] == dataset and r["k"] == k and r["method"] == method
+              and (key := (r["series"], r["group"] if ref_k is None else "")) in ref and ref[key] > 0]
+    return _nanmedian(ratios)
+
+
+def targets(rows, summary, tuned, models: list[Model], timings: dict[str, dict[str, float]]) -> list[str]:
+    """One line per target of issue 8 (k = 2), per model."""
+    k, lines = 2, []
+    med = {(r["dataset"], r["k"], r["method"]): r for r in summary}
+    for model in models:
+        name = model.name
+        if ("test", k, name) in med:
+            best = tuned[k]["best"]
+            r1 = paired_median(rows, "test", k, name, "mean_k")
+            r2 = paired_median(rows, "test", k, name, best)
+            les_net, les_best = med[("test", k, name)]["lesion_cbf_mae"], med[("test", k, best)]["lesion_cbf_mae"]
+            full = [m for (d, _, m) in med if d == "test" and m.startswith("mean_all+")]
+            n_all = next((kk for (d, kk, m) in med if d == "test" and m.startswith("mean_all+")), None)
+            r3 = paired_median(rows, "test", k, name, full[0], ref_k=n_all) if full else math.nan
+            lines += [
+                _verdict(f"{name}: sim NMSE vs truth <= 0.4x 2-pair mean", r1 <= 0.4, f"ratio {r1:.3f}"),
+                _verdict(f"{name}: sim NMSE <= 0.6x best classical ({best})", r2 <= 0.6, f"ratio {r2:.3f}"),
+                _verdict(f"{name}: lesion CBF error < best classical", les_net < les_best,
+                         f"{les_net:.2f} vs {les_best:.2f} ml/100g/min"),
+                _verdict(f"{name}: sim NMSE <= {full[0] if full else '?'} (all {n_all} pairs)", r3 <= 1.0,
+                         f"ratio {r3:.3f}"),
+            ]
+        if ("real", k, name) in med:
+            net = med[("real", k, name)]["nmse_corrected"]
+            oracle = med[("real", k, "gaussian_oracle")]["nmse_corrected"]
+            r5 = paired_median(rows, "real", k, name, "gaussian_self")
+            lines += [
+                _verdict(f"{name}: real corrected error < oracle Gaussian", net < oracle, f"{net:.4f} vs {oracle:.4f}"),
+                _verdict(f"{name}: real corrected error <= 0.8x self-tuned Gaussian", r5 <= 0.8, f"ratio {r5:.3f}"),
+            ]
+        t = timings.get(name, {})
+        for shape, limit in (("64x64x20", 1.0), ("96x96x48", 3.0)):
+            if shape in t:
+                lines.append(_verdict(f"{name}: {shape} on CPU < {limit:g} s", t[shape] < limit, f"{t[shape]:.2f} s"))
+    return lines
+
+
+def _verdict(text: str, ok: bool, numbers: str) -> str:
+    return f"{'MET    ' if ok else 'NOT MET'} {text}: {numbers}"
+
+
+# ------------------------------------------------------------------------------------------ figure
+def figure(run: Run, path: Path, models: list[Model], tuned: dict[int, dict]) -> None:
+    """k = 2: one slice of the first test subject and of the real scan, one colour scale per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = tuned.get(2, {}).get("best", "gaussian")
+    columns = ["reference", "mean_k", "gaussian", best, *[m.name for m in models], "mean_all"]
+    columns = list(dict.fromkeys(columns))
+    rows = [label for label in ("test", "real") if label in run.figure]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.5 * len(rows)), squeeze=False)
+    for r, label in enumerate(rows):
+        maps = dict(run.figure[label])
+        s: Series = maps.pop("series")
+        maps.pop("prep")
+        ref = s.truth if s.truth is not None else s.item["pairs"].mean(axis=0)
+        maps["reference"] = ref
+        z = int(np.argmax(s.brain.sum(axis=(0, 1))))
+        lo, hi = np.percentile(ref[s.brain], [1, 99.5])
+        names = {"reference": "truth" if s.truth is not None else f"mean of {s.num_pairs} pairs",
+                 "mean_k": "2-pair mean", "gaussian": "Gaussian (tuned)", best: f"{best} (best classical)",
+                 "mean_all": f"mean of {s.num_pairs} pairs"}
+        for c, col in enumerate(columns):
+            ax = axes[r, c]
+            ax.axis("off")
+            if col in maps:
+                ax.imshow(np.rot90(maps[col][..., z]), cmap="gray", vmin=lo, vmax=hi)
+                ax.set_title(names.get(col, col), fontsize=8)
+        axes[r, 0].text(-0.05, 0.5, f"{label}: {Path(s.name).name}", transform=axes[r, 0].transAxes, rotation=90,
+                        va="center", ha="right", fontsize=8)
+    fig.suptitle("k = 2 input pairs; one colour scale per row (reference's 1-99.5th percentile in the brain/head)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--val_dir", type=Path, required=True, help="simulated tuning split (with truth)")
+    p.add_argument("--test_dir", type=Path, required=True, help="simulated held-out split (with truth)")
+    p.add_argument("--real_dir", type=Path, default=None, help="real BIDS-ASL data set (e.g. .cache/real/ds000240)")
+    p.add_argument("--model", action="append", default=None,
+                   help="NAME=weights.pt[:config.json][:key=value,...] (repeatable; default: the shipped model)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--out_dir", type=Path, default=ROOT / "asl_bundle" / "docs" / "benchmark")
+    p.add_argument("--max_series", type=int, default=None, help="cap on series per simulated data set")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 series per set, k = 2, small grids")
+    return p.parse_args(argv)
+
+
+def grids_for(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"gaussian": ((0.0, 1.0, 2.0), (0.0, 1.0)), "guided": cd.guided_grid()[::5],
+                "nlm": cd.nlm_grid()[2:3], "bm3d": cd.bm3d_grid()[1:2]}
+    return {"gaussian": (cd.GAUSS_INPLANE, cd.GAUSS_THROUGH), "guided": cd.guided_grid(), "nlm": cd.nlm_grid(),
+            "bm3d": cd.bm3d_grid()}
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import monai
+    import skimage
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "numpy": np.__version__, "scikit-image": skimage.__version__,
+            "bm3d": version("bm3d"), "torch_threads": str(torch.get_num_threads()),
+            "cpu": platform.processor() or platform.machine()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    ks = [2] if args.quick else sorted(set(args.k))
+    limit = 2 if args.quick else args.max_series
+    grids = grids_for(args.quick)
+    gauss_grid = cd.gaussian_grid(*grids["gaussian"])
+    config = ROOT / "asl_bundle" / "configs" / "inference.json"
+    default_weights = ROOT / "asl_bundle" / "models" / "model.pt"
+    if not args.model and not default_weights.exists():
+        raise SystemExit(f"{default_weights} does not exist: train the model first or pass --model NAME=weights.pt")
+    specs = args.model or [f"network={default_weights}"]
+    models = [build_model(spec, config) for spec in specs]
+    timings = {m.name: {"x".join(map(str, shp)): time_model(m, shp) for shp in ((64, 64, 20), (96, 96, 48))}
+               for m in models}
+    log(f"network timings (s/volume, CPU, {torch.get_num_threads()} threads): {timings}")
+
+    val = load_series(args.val_dir, True, limit)
+    test = load_series(args.test_dir, True, limit)
+    real = load_series(args.real_dir, False, 1) if args.real_dir else []
+    log(f"loaded {len(val)} val, {len(test)} test, {len(real)} real series")
+    full_n = sorted({s.num_pairs for s in test})
+    tuned = tune_all(val, sorted(set(ks) | set(full_n)), grids, log)
+
+    run = Run()
+    evaluate_set("test", test, ks, tuned, models, gauss_grid, False, run, log)
+    evaluate_full_scan("test", test, tuned, run, log)
+    if real:
+        evaluate_set("real", real, ks, tuned, models, gauss_grid, True, run, log)
+    summary = summarise(run.rows, tuned)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out_dir / "benchmark.csv", run.rows)
+    write_csv(args.out_dir / "benchmark_summary.csv", summary)
+    figure(run, args.out_dir / "benchmark.png", models, tuned)
+    verdicts = targets(run.rows, summary, tuned, models, timings)
+    elapsed = time.perf_counter() - start
+    meta = {
+        "command": " ".join(["python", "scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
+        "elapsed_s": round(elapsed, 1), "versions": versions(), "load_average": os.getloadavg(),
+        "network_timings_s": timings,
+        "tuned": {str(k): v for k, v in tuned.items()}, "oracle_gaussian": run.oracle, "targets": verdicts,
+        "caps": {"tune_slices": TUNE_SLICES, "tune_series": TUNE_SERIES, "slow_series": SLOW_SERIES,
+                 "slow_real_groups": SLOW_GROUPS, "max_real_groups": MAX_REAL_GROUPS, "max_series": limit},
+        "masks": {"simulated": "truth GM+WM+CSF probseg > 0.5", "real": "head mask of NormalizeASLd"},
+        "lesion_cbf": "white-paper CBF (bundle quantification) of estimate vs of noise-free deltaM, mean abs in lesion",
+        "models": [m.spec for m in models],
+    }
+    (args.out_dir / "benchmark.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    print(pivot(summary))
+    print()
+    print(markdown(summary, k_show=2 if 2 in ks else None))
+    print()
+    print("\n".join(verdicts))
+    print(f"\nwrote {args.out_dir}/benchmark.csv, benchmark_summary.csv, benchmark.png, benchmark.json "
+          f"in {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
