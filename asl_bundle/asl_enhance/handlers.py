@@ -256,6 +256,7 @@ EVALUATION_COLUMNS = (
     "method",
     "num_pairs",
     "total_pairs",
+    "num_groups",
     "nmse_all",
     "nmse_other",
     "nmse_corrected",
@@ -269,7 +270,9 @@ EVALUATION_COLUMNS = (
 class ASLEvaluationWriter:
     """Scores ``enhanced`` (``pred``), ``mean`` (``input_mean``) and the self-tuned ``gaussian``
     against the mean of all pairs and of the unused pairs (noise-corrected), and writes
-    ``evaluation.csv`` with a row per series and method plus an ``ALL`` row per method."""
+    ``evaluation.csv`` with a row per series and method plus an ``ALL`` row per method. With disjoint
+    input groups (``SelectPairsd`` mode ``groups``) a series' row holds the median over its groups,
+    and its effective pairs come from the median error (robust to one group's motion or drift)."""
 
     def __init__(
         self,
@@ -309,8 +312,11 @@ class ASLEvaluationWriter:
                 {
                     "series": str(Path(item["rel_dir"]) / item["stem"]),
                     "method": method,
+                    "input_group": int(_numpy(item.get("input_group", 0))),
+                    "single_pair_nmse": single,
                     "num_pairs": len(used),
                     "total_pairs": pairs.shape[0],
+                    "num_groups": 1,
                     "nmse_all": asl_metrics.nmse(estimate, all_mean, mask),
                     "nmse_other": asl_metrics.nmse(estimate, reference, mask),
                     "nmse_corrected": corrected,
@@ -331,24 +337,44 @@ class ASLEvaluationWriter:
             estimates["gaussian"] = gaussian_smooth(estimates["mean"], sigma_in_voxels(sigma, voxels))
         return {k: v for k, v in estimates.items() if k in self.methods}, sigma
 
+    def series_rows(self) -> list[dict]:
+        """One row per series and method: the median over its input groups of every score, the
+        effective pairs from the median error and the median single-pair error."""
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for row in self.rows:
+            groups.setdefault((row["series"], row["method"]), []).append(row)
+        result = []
+        for rows in groups.values():
+            merged = dict(rows[0], num_groups=len(rows))
+            merged.pop("input_group", None)
+            for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim", "single_pair_nmse"):
+                merged[key] = float(np.median([r[key] for r in rows]))
+            if merged["gaussian_sigma_mm"] != "":
+                merged["gaussian_sigma_mm"] = float(np.median([r["gaussian_sigma_mm"] for r in rows]))
+            single = merged["single_pair_nmse"]
+            merged["effective_pairs"] = asl_metrics.effective_pairs(merged["nmse_corrected"], single)
+            result.append(merged)
+        return result
+
     def write(self, engine: Engine | None = None) -> None:
         """Write the CSV (atomically) and print a one-line summary per method."""
-        rows = self.rows + self._totals()
+        series = self.series_rows()
+        totals = self._totals(series)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=EVALUATION_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=EVALUATION_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(series + totals)
         write_text(self.path, buffer.getvalue())
         summary = ", ".join(
             f"{r['method']}: NMSE(corrected) {r['nmse_corrected']:.4f}, effective pairs {r['effective_pairs']:.2f}"
-            for r in self._totals()
+            for r in totals
         )
-        print(f"Scored {len({r['series'] for r in self.rows})} series -> {self.path.resolve()} | {summary}")
+        print(f"Scored {len({r['series'] for r in series})} series -> {self.path.resolve()} | {summary}")
 
-    def _totals(self) -> list[dict]:
+    def _totals(self, series_rows: list[dict]) -> list[dict]:
         totals = []
         for method in self.methods:
-            rows = [r for r in self.rows if r["method"] == method]
+            rows = [r for r in series_rows if r["method"] == method]
             if not rows:
                 continue
             total = {
@@ -356,6 +382,7 @@ class ASLEvaluationWriter:
                 "method": method,
                 "num_pairs": rows[0]["num_pairs"],
                 "total_pairs": "",
+                "num_groups": "",
                 "gaussian_sigma_mm": "",
             }
             for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim"):

@@ -119,7 +119,11 @@ class SelectPairsd(Randomizable, MapTransform):
     """Choose the input pairs of a series and build ``input_mean`` and the training target.
 
     mode ``random`` draws k in ``num_input_pairs`` (int or [low, high]) pairs at random (training);
-    mode ``first`` takes the first k (evaluation, inference; ``None`` = all pairs). target:
+    mode ``first`` takes the first k (evaluation, inference; ``None`` = all pairs); mode ``groups``
+    returns a LIST of items, one per disjoint input group g (pairs [gK, (g+1)K), at most
+    ``max_groups``, each leaving >= 2 reference pairs; group 0 always), marked ``input_group``, so
+    evaluation can take the median over groups (MONAI's Compose maps the next transforms over the
+    list and ``list_data_collate`` flattens it into one batch). target:
     ``other`` = mean of the pairs not in the input (Noise2Noise), ``all`` = mean of all pairs
     (Kim et al.), ``truth`` = the noise-free map, ``none`` = no target. ``target_noise_var`` is the
     variance of the ``other`` target's own noise, for noise-corrected scores. Items that already
@@ -134,11 +138,13 @@ class SelectPairsd(Randomizable, MapTransform):
         target: str = "none",
         on_error: str = "raise",
         allow_missing_keys: bool = False,
+        max_groups: int = 4,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.on_error = _check_on_error(on_error)
-        if mode not in ("first", "random"):
-            raise ValueError(f"mode must be 'first' or 'random', got {mode!r}")
+        if mode not in ("first", "random", "groups"):
+            raise ValueError(f"mode must be 'first', 'random' or 'groups', got {mode!r}")
+        self.max_groups = max(1, int(max_groups))
         if target not in ("other", "all", "truth", "none"):
             raise ValueError(f"target must be other, all, truth or none, got {target!r}")
         if isinstance(num_input_pairs, Sequence) and not isinstance(num_input_pairs, str):
@@ -155,11 +161,13 @@ class SelectPairsd(Randomizable, MapTransform):
         self._k = int(self.R.randint(low, high + 1))
         self._order = self.R.permutation(num_pairs)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
         d = dict(data)
         if d.get("error"):
             return d
         try:
+            if self.mode == "groups":
+                return self._groups(d)
             self._select(d)
         except ASLInputError as err:
             if self.on_error == "raise":
@@ -167,10 +175,33 @@ class SelectPairsd(Randomizable, MapTransform):
             mark_failed(d, err)
         return d
 
-    def _select(self, d: dict) -> None:
+    def num_groups(self, num_pairs: int, k: int) -> int:
+        """How many disjoint K-pair input groups a series of ``num_pairs`` gives (0: too few pairs)."""
+        if k >= num_pairs:
+            return 0
+        if num_pairs - k < 2:
+            return 1  # a single reference pair: no noise estimate, but still scored as mode "first" does
+        return min(self.max_groups, num_pairs // k)
+
+    def _groups(self, d: dict) -> list[dict]:
+        num_pairs = int(np.shape(next(d[key] for key in self.key_iterator(d)))[0])
+        k = num_pairs if self.k_range is None else self.k_range[0]
+        count = self.num_groups(num_pairs, k)
+        if count == 0:
+            message = f"needs more than {k} pairs to score against unused pairs, has {num_pairs}"
+            raise ASLInputError(d.get("asl", "<series>"), message)
+        items = []
+        for g in range(count):
+            used = np.arange(g * k, (g + 1) * k)
+            item = dict(d, input_group=g)
+            self._select(item, (used, np.setdiff1d(np.arange(num_pairs), used)))
+            items.append(item)
+        return items
+
+    def _select(self, d: dict, split: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         for key in self.key_iterator(d):
             pairs = np.asarray(d[key])
-            used, rest = self._split(pairs.shape[0], d.get("asl", key))
+            used, rest = split if split is not None else self._split(pairs.shape[0], d.get("asl", key))
             d["input_mean"] = pairs[used].mean(axis=0).astype(np.float32)
             d["input_pairs"] = json.dumps([int(i) for i in used])
             d["num_pairs_used"] = len(used)
@@ -204,6 +235,40 @@ class SelectPairsd(Randomizable, MapTransform):
         return pairs.mean(axis=0).astype(np.float32)
 
 
+class RandNoiseLeveld(Randomizable, MapTransform):
+    """Training augmentation: with probability ``prob`` shrink the input's noise towards the
+    noise-free ``truth`` by a factor drawn from ``factor_range`` (input = truth + f * noise), so the
+    network also sees high-SNR inputs and learns to leave them sharp. Needs ``truth``; without it
+    (e.g. Noise2Noise training on real data) the item passes unchanged."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "input_mean",
+        truth_key: str = "truth",
+        prob: float = 0.25,
+        factor_range: Sequence[float] = (0.0, 1.0),
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.truth_key, self.prob = truth_key, float(prob)
+        self.factor_range = (float(factor_range[0]), float(factor_range[1]))
+        self._factor = 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        apply = self.R.random_sample() < self.prob
+        self._factor = float(self.R.uniform(*self.factor_range)) if apply else 1.0
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        truth = d.get(self.truth_key)
+        if self._factor == 1.0 or not isinstance(truth, np.ndarray) or d.get("error"):
+            return d
+        for key in self.key_iterator(d):
+            d[key] = (truth + self._factor * (np.asarray(d[key]) - truth)).astype(np.float32)
+        return d
+
+
 def guide_scale(guide: np.ndarray, fallback: np.ndarray) -> tuple[float, np.ndarray]:
     """Level of the guide (mean inside the head) and the head mask; both homogeneous in scale,
     so scaling a series by c scales ``scale`` by c and leaves the mask unchanged."""
@@ -213,6 +278,19 @@ def guide_scale(guide: np.ndarray, fallback: np.ndarray) -> tuple[float, np.ndar
         return 1.0, np.ones(guide.shape, bool)
     mask = reference > HEAD_MASK_FRACTION * top
     return float(reference[mask].mean(dtype=np.float64)), mask
+
+
+def network_input(input_mean: Any, guide: Any, use_guide: bool = True) -> tuple[np.ndarray, float, np.ndarray]:
+    """The network's ``image`` (C, X, Y, Z), the ``scale`` back to input units and the head mask,
+    from a k-pair mean and the guide; one function, so per-scan adaptation builds inputs exactly
+    as the pipeline does."""
+    guide = np.asarray(guide)
+    level, mask = guide_scale(guide, np.asarray(input_mean))
+    scale = level / PERCENT
+    channels = [np.asarray(input_mean) / scale]
+    if use_guide:
+        channels.append(guide / level)
+    return np.stack(channels).astype(np.float32), float(scale), mask
 
 
 class NormalizeASLd(MapTransform):
@@ -238,12 +316,7 @@ class NormalizeASLd(MapTransform):
             d["mask"] = np.zeros((1, *shape), np.float32)
             d["scale"] = np.float32(1.0)
             return d
-        level, mask = guide_scale(np.asarray(d[self.guide_key]), np.asarray(d["input_mean"]))
-        scale = level / PERCENT
-        channels = [np.asarray(d["input_mean"]) / scale]
-        if self.use_guide:
-            channels.append(np.asarray(d[self.guide_key]) / level)
-        d["image"] = np.stack(channels).astype(np.float32)
+        d["image"], scale, mask = network_input(d["input_mean"], d[self.guide_key], self.use_guide)
         if isinstance(d.get("target"), np.ndarray):
             d["label"] = (d["target"] / scale)[None].astype(np.float32)
         d["mask"] = mask[None].astype(np.float32)

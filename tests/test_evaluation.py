@@ -1,0 +1,124 @@
+"""Evaluation without clean data: disjoint input groups, the noise-corrected error against hand-computed
+values (a 2-pair reference, where the correction matters), effective pairs of a K-pair mean, and the
+columns of ``evaluation.csv`` from a real ``evaluate.json`` run (fresh weights, never model.pt)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from asl_enhance import metrics
+from asl_enhance.handlers import ASLEvaluationWriter
+from asl_enhance.transforms import SelectPairsd
+from helpers import CONFIGS, bundle_run, phantom_series, write_series
+from monai.bundle import ConfigParser
+
+
+def _pairs(*voxel_values: tuple[float, ...]) -> np.ndarray:
+    """(P, V, 1, 1) pairs from per-pair voxel values."""
+    return np.asarray(voxel_values, np.float32)[:, :, None, None]
+
+
+def test_groups_are_disjoint_and_leave_two_reference_pairs():
+    pairs = _pairs(*[(float(i), 0.0) for i in range(5)])
+    items = SelectPairsd(num_input_pairs=2, mode="groups", target="other", max_groups=4)({"pairs": pairs})
+    # 5 pairs, K = 2: groups [0, 1] and [2, 3] (a third would need pairs 4 and 5)
+    assert [it["input_group"] for it in items] == [0, 1]
+    assert [json.loads(it["input_pairs"]) for it in items] == [[0, 1], [2, 3]]
+    np.testing.assert_allclose(items[0]["input_mean"][0, 0, 0], (0 + 1) / 2)
+    np.testing.assert_allclose(items[0]["other_mean"][0, 0, 0], (2 + 3 + 4) / 3)
+    np.testing.assert_allclose(items[1]["other_mean"][0, 0, 0], (0 + 1 + 4) / 3)
+    # reference noise variance: sample variance of the reference pairs / their number
+    np.testing.assert_allclose(items[1]["target_noise_var"][0, 0, 0], np.var([0, 1, 4], ddof=1) / 3, rtol=1e-6)
+    # max_groups caps the count; K = 4 of 5 pairs leaves one reference pair: group 0 only
+    assert len(SelectPairsd(num_input_pairs=1, mode="groups", target="other", max_groups=3)({"pairs": pairs})) == 3
+    assert len(SelectPairsd(num_input_pairs=4, mode="groups", target="other")({"pairs": pairs})) == 1
+
+
+def test_failed_item_passes_through_as_one_item():
+    pairs = _pairs((1.0, 2.0), (3.0, 4.0))
+    out = SelectPairsd(num_input_pairs=2, mode="groups", target="other", on_error="skip")({"pairs": pairs, "asl": "x"})
+    assert isinstance(out, dict) and "needs more than 2 pairs" in out["error"]
+    with pytest.raises(Exception, match="needs more than 2 pairs"):
+        SelectPairsd(num_input_pairs=2, mode="groups", target="other")({"pairs": pairs, "asl": "x"})
+
+
+def test_corrected_error_hand_computed():
+    # 3 pairs over 2 voxels; K = 1: input = pair 0, reference = pairs 1 and 2 (few pairs: correction matters)
+    pairs = _pairs((4.0, 1.0), (3.0, 2.0), (1.0, 0.0))
+    item = SelectPairsd(num_input_pairs=1, mode="groups", target="other", max_groups=1)({"pairs": pairs})[0]
+    mask = np.ones((2, 1, 1), bool)
+    # reference mean (2, 1); its noise variance: sample variances (2, 2) / 2 pairs = (1, 1)
+    np.testing.assert_allclose(item["other_mean"].ravel(), [2.0, 1.0])
+    np.testing.assert_allclose(item["target_noise_var"].ravel(), [1.0, 1.0])
+    ref, ref_var = item["other_mean"], item["target_noise_var"]
+    # plain: ((4-2)^2 + (1-1)^2) / (2^2 + 1^2) = 4/5
+    assert metrics.nmse(item["input_mean"], ref, mask) == pytest.approx(4 / 5)
+    # corrected: ((4 - 1) + (0 - 1)) / ((4 - 1) + (1 - 1)) = 2/3
+    corrected = metrics.nmse_corrected(item["input_mean"], ref, ref_var, mask)
+    assert corrected == pytest.approx(2 / 3)
+    # single pair: variance over all 3 pairs, voxel 1: values 4, 3, 1 -> 7/3; voxel 2: 1, 2, 0 -> 1
+    np.testing.assert_allclose(item["pair_noise_var"].ravel(), [7 / 3, 1.0], rtol=1e-6)
+    single = metrics.per_pair_nmse(item["pair_noise_var"], ref, ref_var, mask)
+    assert single == pytest.approx((7 / 3 + 1) / 3)
+    assert metrics.effective_pairs(corrected, single) == pytest.approx((10 / 9) / (2 / 3))
+
+
+def test_series_row_is_median_over_groups():
+    writer = ASLEvaluationWriter("/nonexistent", methods=("mean",))
+    base = {"series": "s", "method": "mean", "num_pairs": 2, "total_pairs": 9, "num_groups": 1,
+            "nmse_all": 0.0, "nmse_other": 0.0, "psnr": 0.0, "ssim": 0.0, "gaussian_sigma_mm": ""}
+    for g, (err, single) in enumerate([(0.1, 0.3), (0.5, 0.4), (0.2, 0.5)]):
+        writer.rows.append({**base, "input_group": g, "nmse_corrected": err, "single_pair_nmse": single})
+    (row,) = writer.series_rows()
+    assert row["num_groups"] == 3
+    assert row["nmse_corrected"] == pytest.approx(0.2)  # median of 0.1, 0.5, 0.2
+    assert row["effective_pairs"] == pytest.approx(0.4 / 0.2)  # median single / median error
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_effective_pairs_of_k_pair_mean_is_k(k):
+    rng = np.random.default_rng(k)
+    truth = 1.0 + rng.random((16, 16, 8)).astype(np.float32)
+    pairs = truth + rng.normal(0.0, 2.0, (40, *truth.shape)).astype(np.float32)
+    mask = np.ones(truth.shape, bool)
+    items = SelectPairsd(num_input_pairs=k, mode="groups", target="other", max_groups=4)({"pairs": pairs})
+    effective = []
+    for it in items:
+        err = metrics.nmse_corrected(it["input_mean"], it["other_mean"], it["target_noise_var"], mask)
+        single = metrics.per_pair_nmse(it["pair_noise_var"], it["other_mean"], it["target_noise_var"], mask)
+        effective.append(metrics.effective_pairs(err, single))
+    assert len(items) == 4
+    assert float(np.median(effective)) == pytest.approx(k, rel=0.15)
+
+
+def test_evaluation_csv_columns(tmp_path):
+    data = tmp_path / "data"
+    for i in range(2):
+        volumes, types, _ = phantom_series((20, 18, 8), num_pairs=6, seed=10 + i)
+        write_series(data / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    torch.manual_seed(1)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "evaluate.json"))
+    weights = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
+    out = tmp_path / "eval"
+    result = bundle_run(
+        "evaluate.json", "--dataset_dir", str(data), "--output_dir", str(out), "--handlers#0#load_path", str(weights),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / "evaluation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"series", "method", "num_pairs", "nmse_corrected", "effective_pairs", "num_groups"} <= set(rows[0])
+    series = {str(Path(f"sub-{i:02d}") / "perf" / f"sub-{i:02d}") for i in range(2)}
+    methods = {"enhanced", "mean", "gaussian"}
+    assert {(r["series"], r["method"]) for r in rows} == {(s, m) for s in series | {"ALL"} for m in methods}
+    assert len(rows) == 3 * len(methods)
+    # 6 pairs, K = 2: three disjoint groups, each leaving 4 reference pairs
+    assert {r["num_groups"] for r in rows if r["series"] != "ALL"} == {"3"}
+    assert "Scored 2 series" in result.stdout and "effective pairs" in result.stdout
+    assert "All 2 series done." in result.stdout
