@@ -57,14 +57,15 @@ def test_killed_run_resumes_from_last_checkpoint(data_with_broken_series, tmp_pa
     ckpt = tmp_path / "ckpt"
     assert _train(data_with_broken_series, ckpt, "--max_epochs", "1").returncode == 0
     first = torch.load(ckpt / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert first["trainer"]["epoch"] == 1
+    per_epoch = first["trainer"]["epoch_length"]
+    assert first["trainer"]["iteration"] == per_epoch and first["trainer"]["max_epochs"] == 1
     # the documented override: same command, more epochs, --resume true
     result = _train(data_with_broken_series, ckpt, "--max_epochs", "3", "--resume", "true")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    assert "resuming from iteration" in log and "epoch 1 until 3 epochs" in log
+    assert "Resumed from" in log and "after epoch 1 of 3" in log
     final = torch.load(ckpt / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert final["trainer"]["epoch"] == 3
+    assert final["trainer"]["iteration"] == 3 * per_epoch and final["trainer"]["max_epochs"] == 3
     assert "state" in final["optimizer"] and final["lr_scheduler"]["last_epoch"] == 3
 
 

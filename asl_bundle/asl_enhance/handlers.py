@@ -419,9 +419,14 @@ class ResumableCheckpoint:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no checkpoint to resume from")
         state = torch.load(self.path, map_location="cpu", weights_only=True)
+        trainer = self.objects["trainer"]
+        max_epochs = trainer.state.max_epochs  # the command's value wins over the checkpoint's
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
-        logger.info("resumed from %s at epoch %s", self.path, state["trainer"].get("epoch"))
+        if max_epochs is not None:
+            trainer.state.max_epochs = max_epochs
+        done = trainer.state.iteration // max(1, trainer.state.epoch_length or 1)
+        print(f"Resumed from {self.path} after epoch {done} of {trainer.state.max_epochs}", flush=True)
 
     def save(self, engine: Engine) -> None:
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
