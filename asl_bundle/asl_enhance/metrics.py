@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric, PSNRMetric, SSIMMetric
+from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
 
@@ -32,8 +33,6 @@ class NMSEMetric(CumulativeIterationMetric):
         return (err / (y.float() ** 2).sum(dim=dims).clamp_min(1e-12))[:, None]
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
-        from monai.metrics.utils import do_metric_reduction
-
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor):
             raise ValueError("the data to aggregate must be a PyTorch Tensor")
