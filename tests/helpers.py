@@ -82,3 +82,22 @@ def bundle_run(config: str, *args: str, timeout: int = 300) -> subprocess.Comple
     cmd += ["--bundle_root", str(BUNDLE), *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def write_phantom_dataset(
+    root: str | Path,
+    count: int,
+    shape: tuple[int, ...] = (20, 18, 8),
+    num_pairs: int = 5,
+    first_seed: int = 0,
+    alternate_order: bool = False,
+) -> Path:
+    """A BIDS-ASL data set of ``count`` phantom subjects ``sub-00``.. (seed ``first_seed + i``); with
+    ``alternate_order`` odd subjects store label before control. Returns ``root``."""
+    root = Path(root)
+    for i in range(count):
+        volumes, types, _ = phantom_series(
+            shape, num_pairs=num_pairs, seed=first_seed + i, label_first=alternate_order and i % 2 == 1
+        )
+        write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    return root

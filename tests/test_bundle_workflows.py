@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance.bids import find_asl_series
-from helpers import AFFINE, BUNDLE, CONFIGS, bundle_run, phantom_series, write_series
+from helpers import AFFINE, BUNDLE, CONFIGS, bundle_run, phantom_series, write_phantom_dataset, write_series
 from monai.bundle import ConfigParser
 
 SHAPE = (20, 18, 8)
@@ -41,9 +41,7 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train_data")
-    for i in range(5):
-        volumes, types, _ = phantom_series(SHAPE, num_pairs=5, seed=i, label_first=i % 2 == 1)
-        write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    write_phantom_dataset(root, 5, SHAPE, num_pairs=5, first_seed=0, alternate_order=True)
     return root
 
 

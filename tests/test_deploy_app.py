@@ -17,12 +17,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import AFFINE, phantom_series, write_series
+from helpers import AFFINE, BUNDLE, CONFIGS, ROOT, phantom_series, write_series
 from monai.bundle import ConfigParser
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "asl_bundle"
-CONFIGS = BUNDLE / "configs"
 DEPLOY_PY = ROOT / ".venv-deploy" / "bin" / "python"
 pytestmark = pytest.mark.skipif(
     not DEPLOY_PY.exists(), reason="no .venv-deploy (MONAI Deploy App SDK venv, ~1.5 GB): see deploy/README"

@@ -11,21 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import phantom_series, write_series
+from helpers import BUNDLE, CONFIGS, write_phantom_dataset
 from monai.bundle import ConfigParser
-
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "asl_bundle"
-CONFIGS = BUNDLE / "configs"
 
 
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory) -> Path:
     """Six tiny series: 4 for training (2 per rank), 2 for validation (1 per rank)."""
     root = tmp_path_factory.mktemp("ddp_data")
-    for i in range(6):
-        volumes, types, _ = phantom_series((20, 18, 8), num_pairs=4, seed=10 + i)
-        write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    write_phantom_dataset(root, 6, (20, 18, 8), num_pairs=4, first_seed=10)
     return root
 
 

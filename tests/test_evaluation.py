@@ -14,7 +14,7 @@ import torch
 from asl_enhance import metrics
 from asl_enhance.handlers import ASLEvaluationWriter
 from asl_enhance.transforms import SelectPairsd
-from helpers import CONFIGS, bundle_run, phantom_series, write_series
+from helpers import CONFIGS, bundle_run, write_phantom_dataset
 from monai.bundle import ConfigParser
 
 
@@ -98,9 +98,7 @@ def test_effective_pairs_of_k_pair_mean_is_k(k):
 
 def test_evaluation_csv_columns(tmp_path):
     data = tmp_path / "data"
-    for i in range(2):
-        volumes, types, _ = phantom_series((20, 18, 8), num_pairs=6, seed=10 + i)
-        write_series(data / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    write_phantom_dataset(data, 2, (20, 18, 8), num_pairs=6, first_seed=10)
     torch.manual_seed(1)
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "evaluate.json"))

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BUNDLE, CONFIGS, ROOT
 from monai.bundle import ConfigParser
 from monai.data import load_net_with_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "asl_bundle"
-CONFIGS = BUNDLE / "configs"
 SCRIPT = ROOT / "scripts" / "export_model.sh"
 SHIPPED = BUNDLE / "models" / "model.pt"
 

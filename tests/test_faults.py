@@ -22,15 +22,12 @@ from asl_enhance.bids import VOLUME_TYPES, ASLInputError, find_asl_series, form_
 from asl_enhance.failures import find_series_or_exit
 from asl_enhance.handlers import ASLOutputWriter
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd
-from helpers import AFFINE, phantom_series, write_series
+from helpers import AFFINE, BUNDLE, CONFIGS, ROOT, phantom_series, write_series
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "asl_bundle"
-CONFIGS = BUNDLE / "configs"
 SHAPE = (12, 10, 4)
 
 

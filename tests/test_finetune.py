@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, ROOT, phantom_series, write_series
+from helpers import CONFIGS, ROOT, write_phantom_dataset
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.handlers import from_engine
@@ -23,9 +23,7 @@ SHAPE = (20, 18, 8)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ft_data")
-    for i in range(3):
-        volumes, types, _ = phantom_series(SHAPE, num_pairs=5, seed=20 + i)
-        write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    write_phantom_dataset(root, 3, SHAPE, num_pairs=5, first_seed=20)
     return root
 
 

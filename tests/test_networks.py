@@ -3,15 +3,12 @@ the default network scripts with TorchScript to the same output."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from asl_enhance.networks import DilatedTwoPathwayNet, GaussianSmooth, ResidualEnhancer
+from helpers import BUNDLE
 from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
-
-BUNDLE = Path(__file__).resolve().parents[1] / "asl_bundle"
 
 
 @pytest.mark.parametrize("size", [(37, 29, 7), (16, 16, 4), (5, 3, 1)])

@@ -11,20 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import phantom_series, write_series
+from helpers import BUNDLE, CONFIGS, write_phantom_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "asl_bundle"
-CONFIGS = BUNDLE / "configs"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed (test extra)")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("track_data")
-    for i in range(4):
-        volumes, types, _ = phantom_series((20, 18, 8), num_pairs=4, seed=40 + i)
-        write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    write_phantom_dataset(root, 4, (20, 18, 8), num_pairs=4, first_seed=40)
     return root
 
 

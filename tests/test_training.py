@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bundle_run, phantom_series, write_series
+from helpers import bundle_run, phantom_series, write_phantom_dataset, write_series
 
 SHAPE = (20, 18, 8)
 TINY = ("--patch_size", "[16,16,4]", "--batch_size", "2", "--samples_per_series", "2", "--val_interval", "1")
@@ -16,9 +16,7 @@ TINY = ("--patch_size", "[16,16,4]", "--batch_size", "2", "--samples_per_series"
 @pytest.fixture(scope="module")
 def data_with_broken_series(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train_broken")
-    for i in range(4):
-        volumes, types, _ = phantom_series(SHAPE, num_pairs=5, seed=i, label_first=i % 2 == 1)
-        write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    write_phantom_dataset(root, 4, SHAPE, num_pairs=5, first_seed=0, alternate_order=True)
     broken = root / "sub-99" / "perf"
     volumes, types, _ = phantom_series(SHAPE, num_pairs=5, seed=9)
     write_series(broken, "sub-99", volumes, types[:-3])  # aslcontext shorter than the 4D volume

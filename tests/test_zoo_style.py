@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import phantom_series, write_series
+from helpers import BUNDLE, CONFIGS, ROOT, write_phantom_dataset
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "asl_bundle"
-CONFIGS = BUNDLE / "configs"
 MAX_FILE_BYTES = 25 * 1024 * 1024  # the zoo's limit for a file kept in the repository
 # The zoo's CI downloads the schema named in metadata.json; offline, a copy can be pointed to
 SCHEMA_CANDIDATES = [os.environ.get("ASL_META_SCHEMA", ""), str(ROOT.parent / "shared/schemas/meta_schema.json")]
@@ -114,9 +111,7 @@ def test_torchscript_export(bundle_copy):
 def dataset_dir(tmp_path_factory) -> Path:
     """Random-ish BIDS-ASL series, as the zoo's unit tests write random NIfTI."""
     root = tmp_path_factory.mktemp("zoo_data")
-    for i in range(5):
-        volumes, types, _ = phantom_series((20, 18, 8), num_pairs=4, seed=20 + i, label_first=i % 2 == 1)
-        write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
+    write_phantom_dataset(root, 5, (20, 18, 8), num_pairs=4, first_seed=20, alternate_order=True)
     return root
 
 
