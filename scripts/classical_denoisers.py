@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from asl_enhance.metrics import nmse
-from monai.networks.layers.convutils import gaussian_1d
+from asl_enhance.smoothing import gaussian_smooth
 from scipy import ndimage
 
 Params = dict[str, Any]
@@ -46,21 +45,10 @@ def noise_std(volume: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 # ----------------------------------------------------------------------------------------- Gaussian
-def separable_gaussian(volume: np.ndarray, sigma_vox: Sequence[float]) -> np.ndarray:
-    """Same result as :func:`asl_enhance.smoothing.gaussian_smooth` (MONAI's erf-sampled taps, 3 sigma,
-    replicate borders), applied axis by axis: 10-50x faster for wide kernels."""
-    out = np.asarray(volume, np.float32)
-    for axis, sigma in enumerate(sigma_vox):
-        if sigma > 0:
-            taps = gaussian_1d(torch.tensor(float(sigma)), truncated=3.0).numpy().astype(np.float32)
-            out = ndimage.convolve1d(out, taps / taps.sum(), axis=axis, mode="nearest")
-    return out
-
-
 def gaussian(volume: np.ndarray, guide: np.ndarray, params: Params) -> np.ndarray:
     """Gaussian blur, sigma (voxels) ``inplane`` on x and y, ``through`` on z."""
     s = float(params["inplane"]), float(params["through"])
-    return separable_gaussian(volume, (s[0], s[0], s[1]))
+    return gaussian_smooth(volume, (s[0], s[0], s[1]))
 
 
 def gaussian_grid(inplane: Sequence[float] = GAUSS_INPLANE, through: Sequence[float] = GAUSS_THROUGH) -> list[Params]:
@@ -185,9 +173,9 @@ def tune_gaussian(
     for c, (x, _, truth, mask) in enumerate(cases):
         j = 0
         for a in inplane:
-            planar = separable_gaussian(x, (a, a, 0.0))
+            planar = gaussian_smooth(x, (a, a, 0.0))
             for b in through:
-                errors[c, j] = nmse(separable_gaussian(planar, (0.0, 0.0, b)), truth, mask)
+                errors[c, j] = nmse(gaussian_smooth(planar, (0.0, 0.0, b)), truth, mask)
                 j += 1
     scores = [geometric_mean(errors[:, j]) for j in range(len(grid))]
     return dict(grid[int(np.argmin(scores))]), scores

@@ -43,12 +43,6 @@ def test_gaussian_tuning_picks_no_smoothing_for_noise_free_input():
     assert best_noisy != {"inplane": 0.0, "through": 0.0}
 
 
-def test_separable_gaussian_matches_bundle_smoothing():
-    x = np.random.default_rng(2).normal(size=(10, 9, 5)).astype(np.float32)
-    np.testing.assert_allclose(cd.separable_gaussian(x, (0.7, 0.7, 1.2)), gaussian_smooth(x, (0.7, 0.7, 1.2)),
-                               atol=1e-5)
-
-
 @pytest.mark.parametrize("num_pairs,k", [(50, 1), (50, 2), (50, 3), (50, 4), (8, 4), (5, 2), (4, 4)])
 def test_real_scan_groups_are_disjoint_and_leave_a_reference(num_pairs, k):
     groups = benchmark.groups_for(num_pairs, k, benchmark.MAX_REAL_GROUPS)
