@@ -28,6 +28,8 @@ def test_overlay_targets_the_expected_handlers():
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
     assert parser["train#handlers#2#_target_"].endswith("ResumableCheckpoint")
+    for key in ("train#handlers#4", "validate#handlers#1"):  # disabled on ranks > 0
+        assert parser[f"{key}#_target_"] == "TensorBoardStatsHandler"
     assert parser["network#_target_"].endswith("DistributedDataParallel")
     assert parser["train#dataloader#shuffle"] is False
 
@@ -51,6 +53,8 @@ def test_torchrun_two_processes_cpu(ddp_data, tmp_path):
     assert "val_nmse" in log
     assert (ckpt / "model.pt").is_file() and (ckpt / "checkpoint.pt").is_file()
     assert {p.name for p in ckpt.iterdir()} <= {"model.pt", "checkpoint.pt"}
+    writers = {p.name.split(".")[3] for p in runs.glob("events.out.tfevents.*")}  # name holds the writer's pid
+    assert len(writers) == 1, writers  # TensorBoard: rank 0 only
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     net = parser.get_parsed_content("network_def")
