@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from collections import defaultdict
@@ -52,7 +51,13 @@ from asl_enhance import smoothing  # noqa: E402
 from asl_enhance.bids import find_asl_series, load_nifti  # noqa: E402
 from asl_enhance.metrics import effective_pairs, nmse, nmse_corrected, per_pair_nmse, psnr_ssim  # noqa: E402
 from asl_enhance.quantification import compute_cbf, quantify_series  # noqa: E402
-from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, RestoreScaled, SelectPairsd  # noqa: E402
+from asl_enhance.transforms import (  # noqa: E402
+    LoadASLSeriesd,
+    NormalizeASLd,
+    RestoreScaled,
+    SelectPairsd,
+    num_input_channels,
+)
 
 CLASSICAL = ("gaussian", "nlm", "bm3d", "guided")
 #: central slices of each validation series on which slow (slice-wise) denoisers are tuned
@@ -122,7 +127,7 @@ def prepare(series: Series, group: Sequence[int]) -> dict[str, Any]:
     rest = [i for i in range(pairs.shape[0]) if i not in set(group)]
     d = dict(series.item, pairs=pairs[list(group) + rest])
     d = SelectPairsd(num_input_pairs=len(group), mode="first", target="none")(d)
-    return NormalizeASLd(keys=("input_mean",), use_guide=True)(d)
+    return NormalizeASLd(keys=("input_mean",), use_guide=True, use_noise_twin=True)(d)
 
 
 def groups_for(num_pairs: int, k: int, max_groups: int) -> list[list[int]]:
@@ -137,6 +142,7 @@ class Model:
     name: str
     net: torch.nn.Module
     use_guide: bool
+    use_noise_twin: bool
     spec: str
 
 
@@ -145,6 +151,17 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split ``key=value,key=value`` at commas outside brackets (values may be nested JSON lists)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 def build_model(spec: str, default_config: Path) -> Model:
@@ -160,7 +177,7 @@ def build_model(spec: str, default_config: Path) -> Model:
         if option.endswith(".json"):
             config = Path(option)
         else:
-            for pair in filter(None, re.split(r",(?![^\[]*\])", option)):  # commas outside [...]
+            for pair in filter(None, split_top_level(option)):
                 key, _, value = pair.partition("=")
                 overrides[SHORTCUTS.get(key, key)] = parse_value(value)
     parser = ConfigParser()
@@ -172,20 +189,22 @@ def build_model(spec: str, default_config: Path) -> Model:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     net.load_state_dict(state)
-    return Model(name, net.eval(), bool(parser.get_parsed_content("use_guide")), spec)
+    flags = [bool(parser.get_parsed_content(key, default=False)) for key in ("use_guide", "use_noise_twin")]
+    return Model(name, net.eval(), *flags, spec)
 
 
 @torch.inference_mode()
 def run_model(model: Model, prep: dict[str, Any]) -> np.ndarray:
     """Network output in the input's units, restored with the bundle's RestoreScaled."""
-    image = prep["image"] if model.use_guide else prep["image"][:1]
+    channels = [0] + [1] * model.use_guide + [2, 3] * model.use_noise_twin  # prepare() builds all four
+    image = prep["image"][channels]
     pred = model.net(torch.as_tensor(image[None]))[0, 0].numpy()
     return RestoreScaled(keys="pred")({"pred": pred, "scale": prep["scale"]})["pred"]
 
 
 def time_model(model: Model, shape: tuple[int, int, int], repeats: int = 3) -> float:
     """Warm CPU seconds per volume on random input of ``shape`` (median of ``repeats``)."""
-    channels = 2 if model.use_guide else 1
+    channels = num_input_channels(model.use_guide, model.use_noise_twin)
     x = torch.rand((1, channels, *shape))
     times = []
     with torch.inference_mode():

@@ -14,6 +14,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "asl_bundle"
 CONFIGS = BUNDLE / "configs"
+#: channels of the shipped network's input, as metadata.json declares them (the configs must agree)
+INPUT_CHANNELS = json.loads((CONFIGS / "metadata.json").read_text())["network_data_format"]["inputs"]["image"][
+    "num_channels"
+]
 
 AFFINE = np.diag([3.0, 3.0, 5.0, 1.0])
 AFFINE[:3, 3] = [-40.0, -50.0, -20.0]

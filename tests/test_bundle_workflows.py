@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance.bids import find_asl_series
-from helpers import AFFINE, BUNDLE, CONFIGS, bundle_run, phantom_series, write_phantom_dataset, write_series
+from helpers import (
+    AFFINE,
+    BUNDLE,
+    CONFIGS,
+    INPUT_CHANNELS,
+    bundle_run,
+    phantom_series,
+    write_phantom_dataset,
+    write_series,
+)
 from monai.bundle import ConfigParser
 
 SHAPE = (20, 18, 8)
@@ -61,7 +70,7 @@ def test_config_parses_and_instantiates(config, train_data, tmp_path):
     sample = preprocessing(item)
     sample = sample[0] if isinstance(sample, list) else sample
     image = torch.as_tensor(np.asarray(sample["image"]))
-    assert image.shape[0] == 2
+    assert image.shape[0] == INPUT_CHANNELS
     with torch.no_grad():
         assert net(image[None]).shape[1] == 1
     if config == "train.json":

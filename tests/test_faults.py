@@ -221,7 +221,7 @@ def test_failed_item_passes_through_chain(tmp_path):
     )
     d = chain(_item(asl))
     assert d["error"].startswith(str(_tsv(asl)))
-    assert d["image"].shape[0] == 2 and np.all(d["image"] == 0) and float(d["scale"]) == 1.0
+    assert d["image"].shape[0] == 4 and np.all(d["image"] == 0) and float(d["scale"]) == 1.0
     with pytest.raises(ASLInputError):
         LoadASLSeriesd()(_item(asl))  # "raise" stays the default
     # too few pairs for the request fails in SelectPairsd the same way
@@ -229,7 +229,7 @@ def test_failed_item_passes_through_chain(tmp_path):
     d = Compose([LoadASLSeriesd(on_error="skip"), SelectPairsd(num_input_pairs=5, on_error="skip"), NormalizeASLd()])(
         _item(good)
     )
-    assert "needs 5 input pairs" in d["error"] and d["image"].shape == (2, 2, 2, 2)
+    assert "needs 5 input pairs" in d["error"] and d["image"].shape == (4, 2, 2, 2)
 
 
 # ------------------------------------------------------------------------------ writing

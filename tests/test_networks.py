@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from asl_enhance.networks import DilatedTwoPathwayNet, GaussianSmooth, ResidualEnhancer
-from helpers import BUNDLE
+from helpers import BUNDLE, INPUT_CHANNELS
 from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
 
@@ -63,7 +63,7 @@ def test_default_network_scripts_to_same_output():
     torch.manual_seed(0)
     net = parser.get_parsed_content("network_def").eval()
     scripted = torch.jit.script(net)
-    x = torch.randn(1, 2, 37, 29, 7)
+    x = torch.randn(1, INPUT_CHANNELS, 37, 29, 7)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
 

@@ -13,9 +13,12 @@ from asl_enhance.networks import DilatedTwoPathwayNet, ResidualEnhancer
 from asl_enhance.transforms import (
     LoadASLSeriesd,
     NormalizeASLd,
+    RandNoiseLeveld,
     RestoreScaled,
     SelectPairsd,
     guide_scale,
+    noise_twin,
+    num_input_channels,
 )
 from helpers import phantom_series, write_series
 from monai.transforms import Compose
@@ -23,12 +26,12 @@ from monai.transforms import Compose
 SHAPE = (16, 14, 6)
 
 
-def _chain(num_pairs=None, k=None, target="none", use_guide=True, mode="first"):
+def _chain(num_pairs=None, k=None, target="none", use_guide=True, mode="first", use_noise_twin=False):
     return Compose(
         [
             LoadASLSeriesd("asl", num_pairs=num_pairs),
             SelectPairsd("pairs", num_input_pairs=k, mode=mode, target=target),
-            NormalizeASLd(use_guide=use_guide),
+            NormalizeASLd(use_guide=use_guide, use_noise_twin=use_noise_twin),
         ]
     )
 
@@ -112,13 +115,15 @@ def test_guide_scale_is_homogeneous():
 @pytest.mark.parametrize("c", [7.25, 0.013])
 def test_scale_equivariance_through_network(tmp_path, guide, c):
     torch.manual_seed(0)
-    net = ResidualEnhancer(DilatedTwoPathwayNet(in_channels=1 if guide == "none" else 2, features=8), smooth_sigma=0.5)
+    channels = num_input_channels(guide != "none", use_noise_twin=True)
+    net = ResidualEnhancer(DilatedTwoPathwayNet(in_channels=channels, features=8), smooth_sigma=0.5)
     net.eval()
     post = RestoreScaled("pred")
     outputs = []
     for scale, folder in ((1.0, tmp_path / "a"), (c, tmp_path / "b")):
         item, _, _ = _write_phantom(folder, scale=scale, guide=guide)
-        d = _chain(k=2, use_guide=guide != "none")(item)
+        d = _chain(k=2, use_guide=guide != "none", use_noise_twin=True)(item)
+        assert d["image"].shape[0] == channels
         with torch.no_grad():
             pred = net(torch.as_tensor(d["image"])[None])[0].numpy()
         d["pred"] = pred
@@ -133,3 +138,37 @@ def test_scale_equivariance_through_network(tmp_path, guide, c):
     tol = 1e-4 * c * np.abs(out1).max()
     np.testing.assert_allclose(outc, c * out1, rtol=1e-4, atol=tol)
     np.testing.assert_allclose(dc["input_mean"], c * d1["input_mean"], rtol=1e-4, atol=tol)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_noise_twin_cancels_perfusion_and_matches_the_mean_noise(k):
+    """Same map in every pair -> twin 0; iid noise -> twin variance = the k-pair mean's noise variance."""
+    rng = np.random.default_rng(k)
+    perfusion = rng.uniform(0, 5, SHAPE)
+    np.testing.assert_allclose(noise_twin(np.repeat(perfusion[None], k, axis=0)), 0, atol=1e-5)
+    noise = rng.normal(0, 2.0, (4000, k))  # 4000 independent realisations of one voxel
+    twins = np.array([noise_twin(n.reshape(k, 1, 1, 1)).item() for n in noise])
+    assert twins.var() == pytest.approx(noise.mean(axis=1).var(), rel=0.08)
+    assert abs(np.corrcoef(twins, noise.mean(axis=1))[0, 1]) < 0.06  # an independent realisation
+    assert noise_twin(rng.normal(size=(1, *SHAPE))) is None
+
+
+def test_twin_channels_and_flag(tmp_path):
+    item, volumes, _ = _write_phantom(tmp_path, num_pairs=4)
+    pairs = np.moveaxis(volumes[..., 1::2] - volumes[..., 2::2], -1, 0)
+    d = _chain(k=2, use_noise_twin=True)(item)
+    assert d["image"].shape == (4, *SHAPE)
+    np.testing.assert_allclose(d["image"][2] * d["scale"], (pairs[0] - pairs[1]) / 2, rtol=1e-4, atol=1e-3)
+    assert np.all(d["image"][3] == 1.0)
+    single = _chain(k=1, use_noise_twin=True)(item)  # one pair: no twin, flag 0
+    assert "input_twin" not in single and np.all(single["image"][2:] == 0.0)
+
+
+def test_noise_level_augmentation_shrinks_the_twin_alike(tmp_path):
+    item, _, _ = _write_phantom(tmp_path, num_pairs=4)
+    d = SelectPairsd(num_input_pairs=2)(LoadASLSeriesd()(item))
+    truth = d["input_mean"] * 0.5
+    shrink = RandNoiseLeveld(prob=1.0, factor_range=(0.3, 0.3))
+    out = shrink(dict(d, truth=truth))
+    np.testing.assert_allclose(out["input_mean"], truth + 0.3 * (d["input_mean"] - truth), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["input_twin"], 0.3 * d["input_twin"], rtol=1e-5, atol=1e-6)

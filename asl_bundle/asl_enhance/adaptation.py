@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .transforms import network_input
+from .transforms import network_input, noise_twin
 
 logger = logging.getLogger("asl_enhance")
 
@@ -56,6 +56,7 @@ def adapt_network(
     learning_rate: float = 1e-4,
     seed: int = 0,
     use_guide: bool = True,
+    use_noise_twin: bool = True,
 ) -> torch.nn.Module:
     """A copy of ``network`` trained ``steps`` Adam steps on Noise2Noise splits of ``pairs`` (K, X, Y, Z):
     input = mean of some pairs (normalised as the pipeline does), target = mean of the others, MSE over
@@ -73,7 +74,10 @@ def adapt_network(
         for used, rest in noise2noise_splits(pairs.shape[0], steps, seed):
             key = tuple(used)
             if key not in cache:
-                image, scale, _ = network_input(pairs[used].mean(axis=0), guide, use_guide)
+                inputs = pairs[used]
+                image, scale, _ = network_input(
+                    inputs.mean(axis=0), guide, use_guide, use_noise_twin, noise_twin(inputs)
+                )
                 label = (pairs[rest].mean(axis=0) / scale)[None]
                 cache[key] = (torch.as_tensor(image)[None], torch.as_tensor(label, dtype=torch.float32)[None])
             image, label = (t.to(device) for t in cache[key])
@@ -102,9 +106,16 @@ class ScanAdaptation:
     K < 2), swaps the copies in for this iteration and restores the original at ITERATION_COMPLETED.
     ``seconds`` keeps the adaptation time of every adapted item."""
 
-    def __init__(self, steps: int = 20, learning_rate: float = 1e-4, seed: int = 0, use_guide: bool = True):
+    def __init__(
+        self,
+        steps: int = 20,
+        learning_rate: float = 1e-4,
+        seed: int = 0,
+        use_guide: bool = True,
+        use_noise_twin: bool = True,
+    ):
         self.steps, self.learning_rate = int(steps), float(learning_rate)
-        self.seed, self.use_guide = int(seed), bool(use_guide)
+        self.seed, self.use_guide, self.use_noise_twin = int(seed), bool(use_guide), bool(use_noise_twin)
         self.seconds: list[float] = []
         self._original: torch.nn.Module | None = None
 
@@ -129,7 +140,7 @@ class ScanAdaptation:
             pairs = np.asarray(_value(batch, "pairs", i))[used]
             networks.append(
                 adapt_network(original, pairs, _value(batch, "guide", i), self.steps, self.learning_rate,
-                              self.seed, self.use_guide)
+                              self.seed, self.use_guide, self.use_noise_twin)
             )
             self.seconds.append(time.perf_counter() - start)
             changed = True

@@ -128,6 +128,7 @@ class SelectPairsd(Randomizable, MapTransform):
     (Kim et al.), ``truth`` = the noise-free map, ``none`` = no target. ``target_noise_var`` is the
     variance of the ``other`` target's own noise, for noise-corrected scores. Items that already
     failed pass through untouched; ``on_error="skip"`` fails an item that has too few pairs.
+    ``input_twin`` is the :func:`noise_twin` of the input pairs (absent for a single pair).
     """
 
     def __init__(
@@ -203,6 +204,11 @@ class SelectPairsd(Randomizable, MapTransform):
             pairs = np.asarray(d[key])
             used, rest = split if split is not None else self._split(pairs.shape[0], d.get("asl", key))
             d["input_mean"] = pairs[used].mean(axis=0).astype(np.float32)
+            twin = noise_twin(pairs[used])
+            if twin is None:  # a single pair has no twin: the key is left out (None does not collate)
+                d.pop("input_twin", None)
+            else:
+                d["input_twin"] = twin
             d["input_pairs"] = json.dumps([int(i) for i in used])
             d["num_pairs_used"] = len(used)
             if len(rest):
@@ -238,7 +244,8 @@ class SelectPairsd(Randomizable, MapTransform):
 class RandNoiseLeveld(Randomizable, MapTransform):
     """Training augmentation: with probability ``prob`` shrink the input's noise towards the
     noise-free ``truth`` by a factor drawn from ``factor_range`` (input = truth + f * noise), so the
-    network also sees high-SNR inputs and learns to leave them sharp. Needs ``truth``; without it
+    network also sees high-SNR inputs and learns to leave them sharp; the noise twin (``twin_key``)
+    is scaled by the same factor. Needs ``truth``; without it
     (e.g. Noise2Noise training on real data) the item passes unchanged."""
 
     def __init__(
@@ -247,10 +254,11 @@ class RandNoiseLeveld(Randomizable, MapTransform):
         truth_key: str = "truth",
         prob: float = 0.25,
         factor_range: Sequence[float] = (0.0, 1.0),
+        twin_key: str = "input_twin",
         allow_missing_keys: bool = False,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.truth_key, self.prob = truth_key, float(prob)
+        self.truth_key, self.prob, self.twin_key = truth_key, float(prob), twin_key
         self.factor_range = (float(factor_range[0]), float(factor_range[1]))
         self._factor = 1.0
 
@@ -266,6 +274,8 @@ class RandNoiseLeveld(Randomizable, MapTransform):
             return d
         for key in self.key_iterator(d):
             d[key] = (truth + self._factor * (np.asarray(d[key]) - truth)).astype(np.float32)
+        if isinstance(d.get(self.twin_key), np.ndarray):  # the twin is pure noise: it shrinks alike
+            d[self.twin_key] = (self._factor * d[self.twin_key]).astype(np.float32)
         return d
 
 
@@ -280,22 +290,58 @@ def guide_scale(guide: np.ndarray, fallback: np.ndarray) -> tuple[float, np.ndar
     return float(reference[mask].mean(dtype=np.float64)), mask
 
 
-def network_input(input_mean: Any, guide: Any, use_guide: bool = True) -> tuple[np.ndarray, float, np.ndarray]:
+def noise_twin(pairs: np.ndarray) -> np.ndarray | None:
+    """A perfusion-free image with the same noise statistics as the mean of ``pairs`` (K, X, Y, Z).
+
+    A zero-sum combination of the pairs cancels the perfusion map and keeps only pair-to-pair noise;
+    scaled so its weights' squared sum is 1/K, it has the K-pair mean's noise variance and spatial
+    correlation (for independent pairs) but an independent realisation. It tells the network how
+    noisy THIS scan is (level and texture), which a single mean image cannot: texture and correlated
+    noise look alike. Alternating signs over the largest even number of pairs; ``None`` for K < 2.
+    """
+    pairs = np.asarray(pairs)
+    k = pairs.shape[0]
+    used = k - k % 2
+    if used < 2:
+        return None
+    signs = np.resize(np.array([1.0, -1.0]), used) / np.sqrt(used * k)
+    return np.tensordot(signs, pairs[:used], axes=1).astype(np.float32)
+
+
+def num_input_channels(use_guide: bool = True, use_noise_twin: bool = True) -> int:
+    """Channels of :func:`network_input`: deltaM, [guide], [noise twin, twin-present flag]."""
+    return 1 + int(bool(use_guide)) + 2 * int(bool(use_noise_twin))
+
+
+def network_input(
+    input_mean: Any,
+    guide: Any,
+    use_guide: bool = True,
+    use_noise_twin: bool = True,
+    twin: np.ndarray | None = None,
+) -> tuple[np.ndarray, float, np.ndarray]:
     """The network's ``image`` (C, X, Y, Z), the ``scale`` back to input units and the head mask,
-    from a k-pair mean and the guide; one function, so per-scan adaptation builds inputs exactly
-    as the pipeline does."""
+    from a k-pair mean, the guide and (``use_noise_twin``) the :func:`noise_twin` of the input pairs
+    with a flag channel that is 1 where a twin exists (K >= 2) and 0 where it does not (K = 1); one
+    function, so per-scan adaptation builds inputs exactly as the pipeline does."""
     guide = np.asarray(guide)
-    level, mask = guide_scale(guide, np.asarray(input_mean))
+    input_mean = np.asarray(input_mean)
+    level, mask = guide_scale(guide, input_mean)
     scale = level / PERCENT
-    channels = [np.asarray(input_mean) / scale]
+    channels = [input_mean / scale]
     if use_guide:
         channels.append(guide / level)
+    if use_noise_twin:
+        present = twin is not None
+        channels.append(np.asarray(twin) / scale if present else np.zeros_like(input_mean))
+        channels.append(np.full(input_mean.shape, float(present)))
     return np.stack(channels).astype(np.float32), float(scale), mask
 
 
 class NormalizeASLd(MapTransform):
     """Build ``image`` (C, X, Y, Z): deltaM in percent of the guide's level, then (optionally) the
-    guide at unit level; ``label`` likewise from ``target``; ``mask`` the head; ``scale`` the factor
+    guide at unit level and the input's noise twin with its flag (see :func:`network_input`);
+    ``label`` likewise from ``target``; ``mask`` the head; ``scale`` the factor
     that turns network output back into the input's units. A failed item gets zero placeholders."""
 
     def __init__(
@@ -303,20 +349,27 @@ class NormalizeASLd(MapTransform):
         keys: KeysCollection = ("input_mean", "target", "other_mean", "truth"),
         guide_key: str = "guide",
         use_guide: bool = True,
+        use_noise_twin: bool = True,
+        twin_key: str = "input_twin",
         allow_missing_keys: bool = True,
     ):
         super().__init__(keys, allow_missing_keys)
         self.guide_key, self.use_guide = guide_key, use_guide
+        self.use_noise_twin, self.twin_key = use_noise_twin, twin_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         if d.get("error"):
             shape = np.shape(d["input_mean"])
-            d["image"] = np.zeros((2 if self.use_guide else 1, *shape), np.float32)
+            d["image"] = np.zeros((num_input_channels(self.use_guide, self.use_noise_twin), *shape), np.float32)
             d["mask"] = np.zeros((1, *shape), np.float32)
             d["scale"] = np.float32(1.0)
             return d
-        d["image"], scale, mask = network_input(d["input_mean"], d[self.guide_key], self.use_guide)
+        twin = d.get(self.twin_key)
+        d["image"], scale, mask = network_input(
+            d["input_mean"], d[self.guide_key], self.use_guide, self.use_noise_twin,
+            twin if isinstance(twin, np.ndarray) else None,
+        )  # fmt: skip
         if isinstance(d.get("target"), np.ndarray):
             d["label"] = (d["target"] / scale)[None].astype(np.float32)
         d["mask"] = mask[None].astype(np.float32)
