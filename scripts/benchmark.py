@@ -189,8 +189,9 @@ def build_model(spec: str, default_config: Path) -> Model:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     net.load_state_dict(state)
-    flags = [bool(parser.get_parsed_content(key, default=False)) for key in ("use_guide", "use_noise_twin")]
-    return Model(name, net.eval(), *flags, spec)
+    use_guide = bool(parser.get_parsed_content("use_guide"))
+    use_noise_twin = bool(parser.get_parsed_content("use_noise_twin", default=False))  # configs before 0.2.0
+    return Model(name, net.eval(), use_guide, use_noise_twin, spec)
 
 
 @torch.inference_mode()
