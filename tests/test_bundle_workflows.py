@@ -248,3 +248,24 @@ def test_inference_is_scale_equivariant(inference_run):
         base = np.asarray(nib.load(out / "sub-01/ses-1/perf" / f"sub-01_ses-1_desc-{desc}_deltam.nii.gz").dataobj)
         scaled = np.asarray(nib.load(out / "sub-04/perf" / f"sub-04_desc-{desc}_deltam.nii.gz").dataobj)
         np.testing.assert_allclose(scaled, SCALE_C * base, rtol=1e-4, atol=1e-4 * SCALE_C * np.abs(base).max())
+
+
+def test_noise_free_series_is_left_unblurred(tmp_path, weights):
+    """Pairs that agree exactly (no noise to remove): the noise bound makes the enhanced deltaM and CBF
+    equal the plain mean's, so a clean or very high-SNR scan loses no grey/white contrast (issue 4)."""
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=3)
+    m0 = volumes[..., 0]
+    pairs = [v for _ in range(3) for v in (0.8 * m0, 0.8 * m0 - 0.01 * m0 * (1.2 + np.cos(np.indices(SHAPE)[0])))]
+    clean = np.stack([m0, *pairs], axis=-1)
+    write_series(tmp_path / "in" / "sub-01" / "perf", "sub-01", clean, ["m0scan"] + ["control", "label"] * 3)
+    out = tmp_path / "out"
+    result = bundle_run(
+        "inference.json", "--dataset_dir", str(tmp_path / "in"), "--output_dir", str(out),
+        "--num_pairs", "2", "--handlers#0#load_path", str(weights),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind in ("deltam", "cbf"):
+        maps = {d: np.asarray(nib.load(out / "sub-01/perf" / f"sub-01_desc-{d}_{kind}.nii.gz").dataobj)
+                for d in ("enhanced", "mean")}  # fmt: skip
+        assert np.abs(maps["mean"]).max() > 0
+        np.testing.assert_allclose(maps["enhanced"], maps["mean"], rtol=1e-4, atol=1e-4 * np.abs(maps["mean"]).max())

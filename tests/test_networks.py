@@ -104,3 +104,72 @@ def test_scale_mixer_scripts_to_the_same_output():
     x = torch.randn(1, 2, 23, 17, 5)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+
+
+def _bounded_mixer(noise_bound: float = 3.0, noise_feature: bool = False):
+    """Channels: mean, guide, twin, flag (the bundle's layout with a guide)."""
+    from asl_enhance.networks import ScaleMixingEnhancer
+
+    in_channels = 4 + len(SIGMAS) + int(noise_feature)
+    backbone = DilatedTwoPathwayNet(in_channels=in_channels, out_channels=len(SIGMAS) + 1, features=6)
+    net = ScaleMixingEnhancer(
+        backbone, SIGMAS, noise_bound=noise_bound, twin_channel=2, noise_feature=noise_feature
+    ).eval()
+    for param in net.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    return net
+
+
+def _bounded_input(twin_scale: float, flag: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(1, 1, 21, 19, 6, generator=generator) * 2.0
+    guide = torch.rand(1, 1, 21, 19, 6, generator=generator)
+    twin = twin_scale * torch.randn(1, 1, 21, 19, 6, generator=generator)
+    return torch.cat([mean, guide, twin, torch.full_like(mean, flag)], dim=1)
+
+
+@pytest.mark.parametrize("noise_feature", [False, True])
+def test_noise_bound_keeps_a_noise_free_input(noise_feature):
+    """Twin zero (the pairs agree): the output is the k-pair mean, whatever the weights."""
+    net = _bounded_mixer(noise_feature=noise_feature)
+    x = _bounded_input(0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), x[:, :1], rtol=0, atol=1e-5)
+
+
+def test_noise_bound_limits_the_change_to_the_local_noise():
+    net = _bounded_mixer(noise_bound=2.0)
+    free = _bounded_mixer(noise_bound=0.0)
+    free.load_state_dict(net.state_dict())
+    x = _bounded_input(0.05)
+    local_sd = torch.sqrt(GaussianSmooth(3, [2.0, 2.0, 1.0])(x[:, 2:3] ** 2))
+    with torch.no_grad():
+        change, unbounded = (net(x) - x[:, :1]).abs(), (free(x) - x[:, :1]).abs()
+    assert torch.all(change <= 2.0 * local_sd + 1e-5)
+    assert torch.all(change <= unbounded + 1e-6)  # it only ever pulls towards the mean
+    assert unbounded.max() > 4.0 * float(local_sd.max())  # so the bound did act
+
+
+def test_noise_bound_leaves_single_pair_inputs_alone():
+    """k = 1 has no twin (flag 0): nothing to measure the noise with, so no bound."""
+    net = _bounded_mixer()
+    free = _bounded_mixer(noise_bound=0.0)
+    free.load_state_dict(net.state_dict())
+    x = _bounded_input(0.0, flag=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), free(x))
+
+
+def test_noise_bound_needs_a_twin_channel():
+    from asl_enhance.networks import ScaleMixingEnhancer
+
+    backbone = DilatedTwoPathwayNet(in_channels=2 + len(SIGMAS), out_channels=len(SIGMAS) + 1, features=6)
+    with pytest.raises(ValueError, match="twin_channel"):
+        ScaleMixingEnhancer(backbone, SIGMAS, noise_bound=3.0)
+
+
+def test_bounded_mixer_scripts_to_the_same_output():
+    net = _bounded_mixer(noise_feature=True)
+    x = _bounded_input(0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x))

@@ -153,6 +153,15 @@ def test_noise_twin_cancels_perfusion_and_matches_the_mean_noise(k):
     assert noise_twin(rng.normal(size=(1, *SHAPE))) is None
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_noise_twin_sees_every_pair(k):
+    """A corrupted pair anywhere in the input must show in the twin (it sets the noise bound)."""
+    for bad in range(k):
+        pairs = np.zeros((k, *SHAPE), np.float32)
+        pairs[bad] = 1.0
+        assert np.all(np.abs(noise_twin(pairs)) > 0.1)
+
+
 def test_twin_channels_and_flag(tmp_path):
     item, volumes, _ = _write_phantom(tmp_path, num_pairs=4)
     pairs = np.moveaxis(volumes[..., 1::2] - volumes[..., 2::2], -1, 0)

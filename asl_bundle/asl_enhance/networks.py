@@ -156,6 +156,16 @@ class ScaleMixingEnhancer(nn.Module):
     sum to one, so the global level is kept by construction, and at initialisation (zero last layer)
     the output is the average of the stack, already a reasonable blur. A kernel-prediction head on
     Kim et al.'s two-pathway backbone; ``residual`` adds a free correction channel for fine detail.
+
+    ``noise_bound`` > 0 (with ``twin_channel``, the input's noise twin; the next channel is its
+    present flag) clips the change to the k-pair mean at ``noise_bound`` local noise standard
+    deviations. The local deviation comes from the twin's energy in a Gaussian window
+    (``noise_window``, voxels): where the input pairs agree the mean is kept, so a clean or high-SNR
+    input is not blurred, and no voxel moves by more than its noise can explain. A hard clip leaves
+    every smaller change exactly as the network made it (a tanh limit, tried, shrank them all). Inputs
+    without a twin (k = 1) are not bounded. ``noise_feature`` also gives the backbone that local
+    deviation as one more channel (its ``in_channels`` counts it), so how much to smooth can follow
+    the measured noise level instead of being inferred from texture.
     """
 
     def __init__(
@@ -165,6 +175,10 @@ class ScaleMixingEnhancer(nn.Module):
         spatial_dims: int = 3,
         mean_channel: int = 0,
         residual: bool = True,
+        noise_bound: float | None = None,
+        twin_channel: int | None = None,
+        noise_window: float | Sequence[float] = (2.0, 2.0, 1.0),
+        noise_feature: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -172,14 +186,38 @@ class ScaleMixingEnhancer(nn.Module):
         self.num_scales = len(sigmas)
         self.mean_channel = mean_channel
         self.residual = residual
+        if (noise_bound or noise_feature) and twin_channel is None:
+            message = "noise_bound and noise_feature need twin_channel (use_noise_twin); set noise_bound 0 without it"
+            raise ValueError(message)
+        self.noise_bound = float(noise_bound or 0.0)
+        self.noise_feature = bool(noise_feature)
+        self.twin_channel = -1 if twin_channel is None else int(twin_channel)
+        window = noise_window if isinstance(noise_window, Sequence) else [noise_window] * spatial_dims
+        self.noise_window = GaussianSmooth(spatial_dims, list(window)[:spatial_dims])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.mean_channel
         mean = x[:, c : c + 1]
         stack = torch.cat([smooth(mean) for smooth in self.smoothers], dim=1)
-        out = self.backbone(torch.cat([x, stack], dim=1))
+        features = [x, stack]
+        local_sd = torch.zeros_like(mean)
+        if self.noise_feature or self.noise_bound > 0:
+            local_sd = self._local_noise_sd(x)
+        if self.noise_feature:
+            features.append(local_sd)
+        out = self.backbone(torch.cat(features, dim=1))
         weights = torch.softmax(out[:, : self.num_scales], dim=1)
         mixed = (weights * stack).sum(dim=1, keepdim=True)
         if self.residual:
             mixed = mixed + out[:, self.num_scales : self.num_scales + 1]
+        if self.noise_bound > 0:
+            limit = self.noise_bound * local_sd
+            bounded = mean + torch.maximum(torch.minimum(mixed - mean, limit), -limit)
+            present = x[:, self.twin_channel + 1 : self.twin_channel + 2]
+            mixed = torch.where(present > 0.5, bounded, mixed)
         return mixed
+
+    def _local_noise_sd(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard deviation of the k-pair mean's noise near each voxel, from its twin's energy."""
+        twin = x[:, self.twin_channel : self.twin_channel + 1]
+        return torch.sqrt(self.noise_window(twin * twin))

@@ -297,20 +297,28 @@ def noise_twin(pairs: np.ndarray) -> np.ndarray | None:
     scaled so its weights' squared sum is 1/K, it has the K-pair mean's noise variance and spatial
     correlation (for independent pairs) but an independent realisation. It tells the network how
     noisy THIS scan is (level and texture), which a single mean image cannot: texture and correlated
-    noise look alike. Alternating signs over the largest even number of pairs; ``None`` for K < 2.
+    noise look alike. Signs alternate; an odd K ends in weights (1, 1, -2), so every pair (a corrupted
+    one too) shows in the twin; ``None`` for K < 2.
     """
     pairs = np.asarray(pairs)
     k = pairs.shape[0]
-    used = k - k % 2
-    if used < 2:
+    if k < 2:
         return None
-    signs = np.resize(np.array([1.0, -1.0]), used) / np.sqrt(used * k)
-    return np.tensordot(signs, pairs[:used], axes=1).astype(np.float32)
+    weights = np.resize(np.array([1.0, -1.0]), k)
+    if k % 2:
+        weights[-3:] = (1.0, 1.0, -2.0)
+    weights /= np.sqrt(k * np.sum(weights**2))
+    return np.tensordot(weights, pairs, axes=1).astype(np.float32)
 
 
 def num_input_channels(use_guide: bool = True, use_noise_twin: bool = True) -> int:
     """Channels of :func:`network_input`: deltaM, [guide], [noise twin, twin-present flag]."""
     return 1 + int(bool(use_guide)) + 2 * int(bool(use_noise_twin))
+
+
+def noise_twin_channel(use_guide: bool = True, use_noise_twin: bool = True) -> int | None:
+    """Index of the noise twin in :func:`network_input` (its flag follows it); ``None`` without one."""
+    return 1 + int(bool(use_guide)) if use_noise_twin else None
 
 
 def network_input(
