@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -167,3 +168,11 @@ def test_infer_config(dataset_dir, tmp_path):
     }
     check_workflow(workflow("infer", str(CONFIGS / "inference.json"), **override))
     assert len(list((tmp_path / "out").rglob("*_desc-enhanced_deltam.nii.gz"))) == 5
+
+
+def test_deploy_app_version_follows_the_bundle():
+    """The MONAI Deploy app packages this bundle's model: app.yaml, app.py and metadata.json agree."""
+    version = metadata()["version"]
+    manifest = (ROOT / "deploy" / "app.yaml").read_text()
+    assert re.search(rf"^\s*version:\s*{re.escape(version)}\s*$", manifest, re.M), "deploy/app.yaml version"
+    assert f'APP_VERSION = "{version}"' in (ROOT / "deploy" / "app.py").read_text(), "deploy/app.py APP_VERSION"
