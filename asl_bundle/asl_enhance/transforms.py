@@ -397,3 +397,18 @@ class RestoreScaled(MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key] * float(d[self.scale_key])
         return d
+
+
+class AppendInputToLabeld(MapTransform):
+    """Append the network input's k-pair-mean channel to ``label`` (2 channels: target, input), for
+    :class:`asl_enhance.losses.InputRelativeLoss`; crops and flips then move both alike."""
+
+    def __init__(self, keys: KeysCollection = "label", image_key: str = "image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = np.concatenate([np.asarray(d[key]), np.asarray(d[self.image_key])[:1]]).astype(np.float32)
+        return d
