@@ -17,6 +17,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+#: tissue masks of the regional medians: probability above these (shared with noise_level_sweep.py)
+TISSUE_THRESHOLDS = {"GM": 0.7, "WM": 0.9}
+
 
 def load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
@@ -62,7 +65,7 @@ def main() -> None:
             continue
         reference = hand_cbf(load(sim / f"{sub}_desc-truth_deltam.nii.gz"), series_m0(perf, sub, acq), acq)
         maps = {d: load(out / f"{sub}_desc-{d}_cbf.nii.gz") for d in ("mean", "enhanced")}
-        for tissue, threshold in (("GM", 0.7), ("WM", 0.9)):
+        for tissue, threshold in TISSUE_THRESHOLDS.items():
             mask = (load(sim / f"{sub}_label-{tissue}_probseg.nii.gz") > threshold) & (maps["mean"] != 0)
             ref = float(np.median(reference[mask]))
             values = {d: float(np.median(m[mask])) for d, m in maps.items()}

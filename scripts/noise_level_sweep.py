@@ -31,24 +31,24 @@ import benchmark as bench  # noqa: E402
 from asl_enhance.bids import load_nifti  # noqa: E402
 from asl_enhance.metrics import nmse  # noqa: E402
 from asl_enhance.smoothing import gaussian_smooth  # noqa: E402
-from asl_enhance.transforms import NormalizeASLd  # noqa: E402
+from asl_enhance.transforms import NormalizeASLd, RandNoiseLeveld  # noqa: E402
+from check_cbf import TISSUE_THRESHOLDS  # noqa: E402
 
 DEFAULT_CONFIG = bench.ROOT / "asl_bundle" / "configs" / "inference.json"
 
 
-def shrunk(series: bench.Series, prep: dict, factor: float) -> dict:
-    """``prep`` with the input's noise (and its twin) scaled by ``factor``, re-normalised."""
+def shrunk(prep: dict, factor: float) -> dict:
+    """``prep`` (with its ``truth``) after the training augmentation RandNoiseLeveld at exactly
+    ``factor`` (noise and twin scaled alike), re-normalised."""
     if factor == 1.0:
         return prep
-    out = dict(prep, input_mean=series.truth + factor * (prep["input_mean"] - series.truth))
-    if "input_twin" in prep:
-        out["input_twin"] = factor * prep["input_twin"]
+    out = RandNoiseLeveld(keys="input_mean", prob=1.0, factor_range=(factor, factor))(prep)
     return NormalizeASLd(keys=("input_mean",), use_guide=True, use_noise_twin=True)(out)
 
 
 def tissue_masks(dataset_dir: Path, series: bench.Series) -> dict[str, np.ndarray]:
     base = dataset_dir / "derivatives" / "simulation" / series.name
-    return {t: load_nifti(f"{base}_label-{t}_probseg.nii.gz")[0] > p for t, p in (("GM", 0.7), ("WM", 0.9))}
+    return {t: load_nifti(f"{base}_label-{t}_probseg.nii.gz")[0] > p for t, p in TISSUE_THRESHOLDS.items()}
 
 
 def tissue_bias(estimate: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:
@@ -82,7 +82,7 @@ def sweep(dataset_dir: Path, series: list[bench.Series], methods: dict[str, Call
         for factor in factors:
             scores: dict[str, list[tuple[float, dict]]] = {name: [] for name in ("mean_k", *active)}
             for s, tissue in zip(series, masks):
-                prep = shrunk(s, bench.prepare(s, list(range(k))), factor)
+                prep = shrunk(bench.prepare(s, list(range(k))), factor)
                 estimates = {"mean_k": prep["input_mean"], **{name: fn(prep) for name, fn in active.items()}}
                 for name, estimate in estimates.items():
                     scores[name].append((nmse(estimate, s.truth, s.brain), tissue_bias(estimate, s.truth, tissue)))

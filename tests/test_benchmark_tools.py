@@ -71,13 +71,13 @@ def test_noise_level_sweep_shrinks_noise_and_twin_towards_the_truth():
     rng = np.random.default_rng(3)
     truth = rng.uniform(0.5, 1.5, (10, 9, 4)).astype(np.float32)
     pairs = truth + rng.normal(0, 0.5, (2, *truth.shape)).astype(np.float32)
-    prep = {"input_mean": pairs.mean(0), "input_twin": noise_twin(pairs), "guide": np.full(truth.shape, 100.0)}
-    series = benchmark.Series("sub-x/perf/sub-x", {}, (3.0, 3.0, 5.0), np.ones(truth.shape, bool), truth=truth)
-    half = sweep.shrunk(series, prep, 0.5)
+    prep = {"input_mean": pairs.mean(0), "input_twin": noise_twin(pairs), "guide": np.full(truth.shape, 100.0),
+            "truth": truth}
+    half = sweep.shrunk(prep, 0.5)
     np.testing.assert_allclose(half["input_mean"] - truth, 0.5 * (prep["input_mean"] - truth), atol=1e-6)
     np.testing.assert_allclose(half["input_twin"], 0.5 * prep["input_twin"], atol=1e-6)
     np.testing.assert_allclose(half["image"][2], half["input_twin"] / half["scale"], rtol=1e-5)
-    clean = sweep.shrunk(series, prep, 0.0)
+    clean = sweep.shrunk(prep, 0.0)
     np.testing.assert_allclose(clean["input_mean"], truth, atol=1e-6)
     masks = {"GM": truth > 1.0, "WM": truth <= 1.0}
     assert sweep.tissue_bias(truth, truth, masks) == {"GM": 0.0, "WM": 0.0}
