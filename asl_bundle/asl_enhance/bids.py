@@ -116,7 +116,9 @@ def read_aslcontext(path: str | Path) -> list[str]:
         raise ASLInputError(path, f"cannot read aslcontext ({err.strerror or err})") from None
     except UnicodeDecodeError:
         raise ASLInputError(path, "aslcontext is not UTF-8 text") from None
-    rows = [r for r in csv.reader(text.splitlines(), delimiter="\t") if any(c.strip() for c in r)]
+    # BIDS TSV has no quoting: a stray '"' must not swallow the next line into its value
+    reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = [r for r in reader if any(c.strip() for c in r)]
     if not rows:
         raise ASLInputError(path, "aslcontext is empty")
     header = [c.strip().lower() for c in rows[0]]
