@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
     python scripts/benchmark.py --val_dir data/bench_val --test_dir data/bench_test \\
-        [--real_dir .cache/real/ds000240] [--model NAME=path/model.pt[:config.json][:key=value,...] ...] \\
+        [--real_dir .cache/real/ds000240] [--model NAME=path/model.pt[:config.json...][:key=value,...] ...] \\
         [--k 1 2 3 4] [--out_dir asl_bundle/docs/benchmark] [--quick]
 
 For k input pairs it compares, on held-out simulated subjects (noise-free truth) and on a real scan
@@ -165,23 +165,26 @@ def split_top_level(text: str) -> list[str]:
 
 
 def build_model(spec: str, default_config: Path) -> Model:
-    """NAME=weights.pt[:config.json][:key=value,key=value]: the config's network_def with overrides."""
+    """NAME=weights.pt[:config.json...][:key=value,key=value]: the config's network_def with overrides.
+
+    Several config files are merged in order, as ``monai.bundle run --config_file "[a, b]"`` does, so
+    a training overlay (e.g. another backbone) applies to inference.json the same way."""
     from monai.bundle import ConfigParser
 
     name, _, rest = spec.partition("=")
     if not rest:
         raise SystemExit(f"--model {spec!r}: expected NAME=path/to/model.pt[:config.json][:key=value,...]")
     weights, *options = rest.split(":")
-    config, overrides = default_config, {}
+    configs, overrides = [], {}
     for option in options:
         if option.endswith(".json"):
-            config = Path(option)
+            configs.append(option)
         else:
             for pair in filter(None, split_top_level(option)):
                 key, _, value = pair.partition("=")
                 overrides[SHORTCUTS.get(key, key)] = parse_value(value)
     parser = ConfigParser()
-    parser.read_config(str(config))
+    parser.read_config(configs or str(default_config))
     for key, value in overrides.items():
         parser[key] = value
     net = parser.get_parsed_content("network_def", instantiate=True)

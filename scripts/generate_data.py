@@ -1,8 +1,9 @@
 """Write a synthetic BIDS-ASL data set (with ground truth) for training and benchmarking.
 
 Usage: python scripts/generate_data.py --output_dir DIR [--num_subjects N] [--num_pairs 8] [--seed 0]
-[--first_subject 1] [--quick]. Each subject is drawn from (seed, subject number), so cohorts made with
-disjoint --first_subject ranges never overlap and re-running overwrites the same files.
+[--first_subject 1] [--quick] [--noise_model white]. Each subject is drawn from (seed, subject number),
+so cohorts made with disjoint --first_subject ranges never overlap and re-running overwrites the same
+files.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from asl_simulator import simulate_subject, write_bids_subject, write_dataset_files
+from asl_simulator import NOISE_MODELS, simulate_subject, write_bids_subject, write_dataset_files
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,6 +28,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="every pair difference equals the truth deltaM (checks quantification, not denoising)",
     )
+    parser.add_argument(
+        "--noise_model",
+        choices=NOISE_MODELS,
+        default="physiological",
+        help="pair-to-pair fluctuation: physiological (correlated, fitted to a real scan) or white (thermal only)",
+    )
     return parser.parse_args()
 
 
@@ -39,7 +46,7 @@ def main() -> None:
     write_dataset_files(args.output_dir, labels)
     for subject in subjects:
         start = time.perf_counter()
-        sim = simulate_subject(args.seed, subject, args.num_pairs, args.quick)
+        sim = simulate_subject(args.seed, subject, args.num_pairs, args.quick, args.noise_model)
         if args.noise_free:
             sim["label"] = sim["control"] - sim["truth_deltam"][None]
         perf = write_bids_subject(sim, args.output_dir)

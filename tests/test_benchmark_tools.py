@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -82,3 +83,20 @@ def test_noise_level_sweep_shrinks_noise_and_twin_towards_the_truth():
     masks = {"GM": truth > 1.0, "WM": truth <= 1.0}
     assert sweep.tissue_bias(truth, truth, masks) == {"GM": 0.0, "WM": 0.0}
     assert sweep.tissue_bias(1.1 * truth, truth, masks)["GM"] == pytest.approx(10.0, rel=1e-4)
+
+
+def test_model_spec_merges_several_configs(tmp_path):
+    """NAME=weights:base.json:overlay.json builds the overlay's backbone on the base config."""
+    from asl_enhance.networks import PaddedBackbone
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[1]
+    inference = root / "asl_bundle" / "configs" / "inference.json"
+    overlay = root / "scripts" / "alternatives" / "dynunet.json"
+    parser = ConfigParser()
+    parser.read_config([str(inference), str(overlay)])
+    weights = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
+    model = benchmark.build_model(f"dyn={weights}:{inference}:{overlay}:noise_bound=0", inference)
+    assert isinstance(model.net.backbone, PaddedBackbone)
+    assert model.net.noise_bound == 0.0 and model.use_noise_twin

@@ -173,3 +173,55 @@ def test_bounded_mixer_scripts_to_the_same_output():
     x = _bounded_input(0.3)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+
+
+def test_padded_backbone_matches_the_unpadded_backbone_where_it_can():
+    """A per-voxel backbone gives the same output padded or not: the crop returns the input's grid."""
+    from asl_enhance.networks import PaddedBackbone
+
+    conv = torch.nn.Conv3d(2, 3, 1)
+    net = PaddedBackbone(conv, multiple=(8, 8, 1)).eval()
+    x = torch.randn(1, 2, 37, 29, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), conv(x))
+    with pytest.raises(ValueError, match="multiple"):
+        PaddedBackbone(conv, multiple=(8, 8))
+
+
+def _dynunet_mixer(noise_bound: float = 3.0):
+    from asl_enhance.networks import ScaleMixingEnhancer, in_plane_dynunet
+
+    backbone = in_plane_dynunet(4 + len(SIGMAS), len(SIGMAS) + 1, filters=(4, 8, 8, 16))
+    return ScaleMixingEnhancer(backbone, SIGMAS, noise_bound=noise_bound, twin_channel=2).eval()
+
+
+def test_in_plane_dynunet_keeps_odd_sizes_and_starts_as_the_average_blur():
+    """MONAI's DynUNet, pooled in-plane only, takes the ds000240 matrix (64x57, 17 slices) as it is,
+    and its zeroed output layer makes the untrained enhancer the average of the blurred stack."""
+    net = _dynunet_mixer(noise_bound=0.0)
+    x = torch.nn.functional.interpolate(_bounded_input(1.0), size=(64, 57, 17))
+    stack = torch.cat([GaussianSmooth(3, s)(x[:, :1]) for s in SIGMAS], dim=1)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (1, 1, 64, 57, 17)
+    torch.testing.assert_close(out, stack.mean(dim=1, keepdim=True))
+
+
+def test_in_plane_dynunet_scripts_to_the_same_output():
+    net = _dynunet_mixer()
+    for param in net.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    x = _bounded_input(0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_dynunet_overlay_builds_with_the_bundle_configs():
+    """scripts/alternatives/dynunet.json swaps the backbone in train.json and inference.json alike."""
+    overlay = BUNDLE.parent / "scripts" / "alternatives" / "dynunet.json"
+    for config in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / config), str(overlay)])
+        net = parser.get_parsed_content("network_def").eval()
+        with torch.no_grad():
+            assert net(torch.randn(1, INPUT_CHANNELS, 40, 33, 5)).shape == (1, 1, 40, 33, 5)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.convutils import gaussian_1d
+from monai.networks.nets import DynUNet
 from torch import nn
 
 
@@ -111,6 +112,64 @@ class GaussianSmooth(nn.Module):
         return out.reshape(shape)
 
 
+class PaddedBackbone(nn.Module):
+    """Pad the input (replicate) up to a multiple per axis, run the backbone, crop back.
+
+    Backbones that pool (MONAI's BasicUNet, DynUNet) need sizes divisible by their total stride, and
+    clinical ASL matrices are not (64x57 in ds000240). ``multiple`` is one int or one per axis, so an
+    in-plane-only UNet pads 57 to 64 and leaves 17 slices alone.
+    """
+
+    def __init__(self, backbone: nn.Module, multiple: int | Sequence[int] = 1, spatial_dims: int = 3):
+        super().__init__()
+        self.backbone = backbone
+        multiples = list(multiple) if isinstance(multiple, Sequence) else [int(multiple)] * spatial_dims
+        if len(multiples) != spatial_dims or min(multiples) < 1:
+            raise ValueError(f"multiple needs {spatial_dims} positive values, got {multiple}")
+        self.multiples = [int(m) for m in multiples]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = x.shape[2:]
+        pad: list[int] = []
+        for axis in range(len(self.multiples) - 1, -1, -1):
+            pad += [0, (-sizes[axis]) % self.multiples[axis]]
+        if max(pad) == 0:
+            return self.backbone(x)
+        out = self.backbone(F.pad(x, pad, mode="replicate"))
+        if out.dim() == 5:
+            return out[:, :, : sizes[0], : sizes[1], : sizes[2]]
+        return out[:, :, : sizes[0], : sizes[1]]
+
+
+def in_plane_dynunet(
+    in_channels: int,
+    out_channels: int,
+    filters: Sequence[int] = (16, 32, 64, 128),
+    norm_name: str = "instance",
+) -> PaddedBackbone:
+    """MONAI's DynUNet (nnU-Net style) for thick-slice ASL: downsampling in-plane only.
+
+    The first level has a 3x3x3 kernel (one look across slices, like the two-pathway stem), the
+    deeper ones 3x3x1 with stride (2, 2, 1), so slices are never pooled. The output convolution
+    starts at zero, as for :class:`DilatedTwoPathwayNet`, so an untrained enhancer starts at its base.
+    Wrapped in :class:`PaddedBackbone` to accept any in-plane size.
+    """
+    levels = len(filters)
+    net = DynUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=[[3, 3, 3]] + [[3, 3, 1]] * (levels - 1),
+        strides=[[1, 1, 1]] + [[2, 2, 1]] * (levels - 1),
+        upsample_kernel_size=[[2, 2, 1]] * (levels - 1),
+        filters=list(filters),
+        norm_name=norm_name,
+    )
+    for param in net.output_block.parameters():
+        nn.init.zeros_(param)
+    return PaddedBackbone(net, multiple=(2 ** (levels - 1), 2 ** (levels - 1), 1))
+
+
 class ResidualEnhancer(nn.Module):
     """Output = base + backbone(x), base being channel ``residual_channel`` (the k-pair mean),
     optionally pre-smoothed so the backbone starts where a blur is and restores edges and lesions.
@@ -125,27 +184,14 @@ class ResidualEnhancer(nn.Module):
         pad_multiple: int = 1,
     ):
         super().__init__()
-        self.backbone = backbone
-        self.pad_multiple = int(pad_multiple)
+        self.backbone = PaddedBackbone(backbone, pad_multiple, spatial_dims) if pad_multiple > 1 else backbone
         self.residual_channel = residual_channel
         self.smooth = GaussianSmooth(spatial_dims, smooth_sigma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.residual_channel
         base = self.smooth(x[:, c : c + 1])
-        return base + self._padded_backbone(x)
-
-    def _padded_backbone(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad_multiple <= 1:
-            return self.backbone(x)
-        sizes = x.shape[2:]
-        pad: list[int] = []
-        for size in sizes[::-1]:
-            pad += [0, (-size) % self.pad_multiple]
-        out = self.backbone(F.pad(x, pad, mode="replicate"))
-        if out.dim() == 5:
-            return out[:, :, : sizes[0], : sizes[1], : sizes[2]]
-        return out[:, :, : sizes[0], : sizes[1]]
+        return base + self.backbone(x)
 
 
 class ScaleMixingEnhancer(nn.Module):
