@@ -56,6 +56,37 @@ def train_data(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------ parsing
 
+#: config keys that define the network; the three configs repeat them (each must run alone, as the
+#: runner and the zoo's checks load one file), so they must agree. noise_bound differs on purpose:
+#: it is applied at inference only.
+NETWORK_KEYS = (
+    "use_guide",
+    "use_noise_twin",
+    "noise_feature",
+    "smoothing_sigmas",
+    "input_channels",
+    "twin_channel",
+    "backbone",
+)
+
+
+def test_the_three_configs_define_the_same_network():
+    raw = {name: json.loads((CONFIGS / name).read_text()) for name in ("train.json", "evaluate.json", "inference.json")}
+    for key in NETWORK_KEYS:
+        values = {name: json.dumps(config[key], sort_keys=True) for name, config in raw.items()}
+        assert len(set(values.values())) == 1, f"{key} differs between configs: {values}"
+    network_defs = {name: dict(config["network_def"], noise_bound=None) for name, config in raw.items()}
+    assert len({json.dumps(d, sort_keys=True) for d in network_defs.values()}) == 1
+    assert raw["train.json"]["noise_bound"] == 0.0
+    assert raw["inference.json"]["noise_bound"] == raw["evaluate.json"]["noise_bound"] > 0
+
+
+def test_shipped_weights_load_strictly_into_every_config():
+    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    for config in ("train.json", "evaluate.json", "inference.json"):
+        _parser(config).get_parsed_content("network_def").load_state_dict(state, strict=True)
+
+
 
 @pytest.mark.parametrize("config", ["train.json", "evaluate.json", "inference.json"])
 def test_config_parses_and_instantiates(config, train_data, tmp_path):
