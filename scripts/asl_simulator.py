@@ -220,9 +220,7 @@ def load_templates() -> tuple[np.ndarray, np.ndarray]:
     return stack, affine
 
 
-def _smooth_field(
-    rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: tuple[float, ...]
-) -> np.ndarray:
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: tuple[float, ...]) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field (why: low-frequency texture, bias, displacement)."""
     noise = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="wrap")
     return (noise - noise.mean()) / max(float(noise.std()), 1e-12)
@@ -277,9 +275,7 @@ def warp_anatomy(rng: np.random.Generator, acq: Acquisition) -> dict:
     translation = HEAD_CENTRE_MNI + rng.normal(0.0, [4.0, 5.0, 8.0])
     disp_amp = rng.uniform(1.0, 4.0)
     coarse = rng.standard_normal((3, 5, 5, 5)) * disp_amp
-    displacement = np.stack(
-        [_upsample(_upsample(c, shape, order=3), shape * np.asarray(ss), order=1) for c in coarse]
-    )
+    displacement = np.stack([_upsample(_upsample(c, shape, order=3), shape * np.asarray(ss), order=1) for c in coarse])
     axes = [(np.arange(n * f) + 0.5) / f - 0.5 for n, f in zip(shape, ss)]
     index = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)
     out_aff = output_affine(acq)
@@ -561,9 +557,7 @@ def simulate_subject(
     control_clean = m0 * ratio
     deltam = tissue_deltam(acq, perf["cbf"], perf["att"], m0)
     brain = (tissues["gm"] + tissues["wm"]) > 0.5
-    gm_ref = (
-        float(np.mean(deltam[tissues["gm"] > 0.6])) if np.any(tissues["gm"] > 0.6) else float(deltam.max())
-    )
+    gm_ref = float(np.mean(deltam[tissues["gm"] > 0.6])) if np.any(tissues["gm"] > 0.6) else float(deltam.max())
     deltam = (deltam + arterial_deltam(acq, perf["att"], perf["vessels"], gm_ref)).astype(np.float32)
     head = head_mask(m0)
     gm_deltam = float(np.mean(deltam[high_perfusion_mask(deltam, head & brain)]))
@@ -593,9 +587,7 @@ def simulate_subject(
         "control_over_m0": control_params,
         "anatomy": anatomy["params"],
         "perfusion": perf_params,
-        "measured_noise_statistics": {
-            k: v if isinstance(v, (int, list)) else round(v, 4) for k, v in measured.items()
-        },
+        "measured_noise_statistics": {k: v if isinstance(v, (int, list)) else round(v, 4) for k, v in measured.items()},
         "truth_deltam_note": "expected control-label of one pair, including the readout blur and "
         "arterial transit signal; truth CBF is tissue perfusion before the blur",
     }

@@ -68,11 +68,22 @@ TUNE_SERIES = 5
 SLOW_SERIES, SLOW_GROUPS = 5, 4
 MAX_REAL_GROUPS = 10
 METHOD_ORDER = ("mean_k", *CLASSICAL, "gaussian_self", "gaussian_oracle")
-METRICS = ("nmse_truth", "psnr", "ssim", "nmse_corrected", "effective_pairs", "lesion_cbf_mae", "level_ratio",
-           "seconds")
-SHORTCUTS = {"features": "backbone#features", "local_layers": "backbone#local_layers",
-             "smoothing_sigmas": "smoothing_sigmas", "use_guide": "use_guide"}
-
+METRICS = (
+    "nmse_truth",
+    "psnr",
+    "ssim",
+    "nmse_corrected",
+    "effective_pairs",
+    "lesion_cbf_mae",
+    "level_ratio",
+    "seconds",
+)
+SHORTCUTS = {
+    "features": "backbone#features",
+    "local_layers": "backbone#local_layers",
+    "smoothing_sigmas": "smoothing_sigmas",
+    "use_guide": "use_guide",
+}
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -252,8 +263,7 @@ def self_tuned_fn(series: Series, group: Sequence[int]) -> Callable[[dict[str, A
     """Gaussian at the width chosen from the scan's own input pairs (head mask; k >= 2)."""
 
     def run(prep: dict[str, Any]) -> np.ndarray:
-        sigma_mm = smoothing.self_tuned_sigma_mm(series.item["pairs"][list(group)], series.voxel,
-                                                 prep["mask"][0] > 0)
+        sigma_mm = smoothing.self_tuned_sigma_mm(series.item["pairs"][list(group)], series.voxel, prep["mask"][0] > 0)
         prep["self_sigma_mm"] = sigma_mm
         return smoothing.gaussian_smooth(prep["input_mean"], smoothing.sigma_in_voxels(sigma_mm, series.voxel))
 
@@ -345,8 +355,15 @@ class Run:
 
 
 def evaluate_set(
-    label: str, series: list[Series], ks: Sequence[int], tuned: dict[int, dict], models: list[Model],
-    gauss_grid: list[dict], real: bool, run: Run, log,
+    label: str,
+    series: list[Series],
+    ks: Sequence[int],
+    tuned: dict[int, dict],
+    models: list[Model],
+    gauss_grid: list[dict],
+    real: bool,
+    run: Run,
+    log,
 ) -> None:
     """Score every method on every series (simulated) or pair group (real) of one data set."""
     max_groups = MAX_REAL_GROUPS if real else 1
@@ -388,8 +405,10 @@ def evaluate_full_scan(label: str, series: list[Series], tuned: dict[int, dict],
             continue
         prep = prepare(s, list(range(n)))
         best = tuned[n]["best"]
-        methods = {"mean_all": (lambda p: p["input_mean"], {}),
-                   f"mean_all+{best}": (classical_fn(best, tuned[n]["params"][best]), tuned[n]["params"][best])}
+        methods = {
+            "mean_all": (lambda p: p["input_mean"], {}),
+            f"mean_all+{best}": (classical_fn(best, tuned[n]["params"][best]), tuned[n]["params"][best]),
+        }
         for method, (fn, params) in methods.items():
             estimate, seconds = timed(fn, prep)
             add_row(run, label, s, n, list(range(n)), method, params, score(s, prep, estimate), seconds, best)
@@ -399,8 +418,15 @@ def evaluate_full_scan(label: str, series: list[Series], tuned: dict[int, dict],
 
 
 def add_row(run: Run, label, s: Series, k: int, group, method: str, params, scores, seconds, best) -> None:
-    row = {"dataset": label, "series": s.name, "k": k, "group": "-".join(map(str, group)), "method": method,
-           "best_classical": best, "params": json.dumps(params, sort_keys=True)}
+    row = {
+        "dataset": label,
+        "series": s.name,
+        "k": k,
+        "group": "-".join(map(str, group)),
+        "method": method,
+        "best_classical": best,
+        "params": json.dumps(params, sort_keys=True),
+    }
     row.update({m: scores[m] for m in METRICS if m != "seconds"})
     row["seconds"] = seconds
     run.rows.append(row)
@@ -425,8 +451,11 @@ def summarise(rows: list[dict[str, Any]], tuned: dict[int, dict]) -> list[dict[s
             summary[m] = _nanmedian([r[m] for r in members])
         best = tuned.get(k, {}).get("best", "")
         for col, ref in (("ratio_to_mean_k", "mean_k"), ("ratio_to_best_classical", best)):
-            ratios = [r[metric] / index[key][metric] for r in members
-                      if (key := (dataset, r["series"], k, r["group"], ref)) in index and index[key][metric] > 0]
+            ratios = [
+                r[metric] / index[key][metric]
+                for r in members
+                if (key := (dataset, r["series"], k, r["group"], ref)) in index and index[key][metric] > 0
+            ]
             summary[col] = _nanmedian(ratios)
         out.append(summary)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
@@ -439,8 +468,22 @@ def _nanmedian(values: Sequence[float]) -> float:
 
 
 def markdown(summary: list[dict[str, Any]], k_show: int | None = None) -> str:
-    cols = ["dataset", "k", "method", "n", "nmse_truth", "psnr", "ssim", "nmse_corrected", "effective_pairs",
-            "lesion_cbf_mae", "level_ratio", "seconds", "ratio_to_mean_k", "ratio_to_best_classical"]
+    cols = [
+        "dataset",
+        "k",
+        "method",
+        "n",
+        "nmse_truth",
+        "psnr",
+        "ssim",
+        "nmse_corrected",
+        "effective_pairs",
+        "lesion_cbf_mae",
+        "level_ratio",
+        "seconds",
+        "ratio_to_mean_k",
+        "ratio_to_best_classical",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
         if k_show is not None and r["k"] != k_show and not r["method"].startswith("mean_all"):
@@ -451,8 +494,10 @@ def markdown(summary: list[dict[str, Any]], k_show: int | None = None) -> str:
 
 def pivot(summary: list[dict[str, Any]]) -> str:
     """Compact table: primary error per method (rows) and data set x k (columns)."""
-    keys = sorted({(r["dataset"], r["k"]) for r in summary if not r["method"].startswith("mean_all")},
-                  key=lambda t: (t[0] != "test", t[1]))
+    keys = sorted(
+        {(r["dataset"], r["k"]) for r in summary if not r["method"].startswith("mean_all")},
+        key=lambda t: (t[0] != "test", t[1]),
+    )
     methods = list(dict.fromkeys(r["method"] for r in summary))
     methods.sort(key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 50, m.startswith("mean_all")))
     cell = {(r["dataset"], r["k"], r["method"]): r[primary(r["dataset"])] for r in summary}
@@ -476,10 +521,20 @@ def _fmt(value: Any) -> str:
 def paired_median(rows, dataset, k, method, ref_method, ref_k=None, metric=None) -> float:
     """Median over inputs of metric(method) / metric(reference) on the same series (and pair group)."""
     metric = metric or primary(dataset)
-    ref = {(r["series"], r["group"] if ref_k is None else ""): r[metric] for r in rows
-           if r["dataset"] == dataset and r["method"] == ref_method and r["k"] == (ref_k or k)}
-    ratios = [r[metric] / ref[key] for r in rows if r["dataset"] == dataset and r["k"] == k and r["method"] == method
-              and (key := (r["series"], r["group"] if ref_k is None else "")) in ref and ref[key] > 0]
+    ref = {
+        (r["series"], r["group"] if ref_k is None else ""): r[metric]
+        for r in rows
+        if r["dataset"] == dataset and r["method"] == ref_method and r["k"] == (ref_k or k)
+    }
+    ratios = [
+        r[metric] / ref[key]
+        for r in rows
+        if r["dataset"] == dataset
+        and r["k"] == k
+        and r["method"] == method
+        and (key := (r["series"], r["group"] if ref_k is None else "")) in ref
+        and ref[key] > 0
+    ]
     return _nanmedian(ratios)
 
 
@@ -500,10 +555,14 @@ def targets(rows, summary, tuned, models: list[Model], timings: dict[str, dict[s
             lines += [
                 _verdict(f"{name}: sim NMSE vs truth <= 0.4x 2-pair mean", r1 <= 0.4, f"ratio {r1:.3f}"),
                 _verdict(f"{name}: sim NMSE <= 0.6x best classical ({best})", r2 <= 0.6, f"ratio {r2:.3f}"),
-                _verdict(f"{name}: lesion CBF error < best classical", les_net < les_best,
-                         f"{les_net:.2f} vs {les_best:.2f} ml/100g/min"),
-                _verdict(f"{name}: sim NMSE <= {full[0] if full else '?'} (all {n_all} pairs)", r3 <= 1.0,
-                         f"ratio {r3:.3f}"),
+                _verdict(
+                    f"{name}: lesion CBF error < best classical",
+                    les_net < les_best,
+                    f"{les_net:.2f} vs {les_best:.2f} ml/100g/min",
+                ),
+                _verdict(
+                    f"{name}: sim NMSE <= {full[0] if full else '?'} (all {n_all} pairs)", r3 <= 1.0, f"ratio {r3:.3f}"
+                ),
             ]
         if ("real", k, name) in med:
             net = med[("real", k, name)]["nmse_corrected"]
@@ -547,19 +606,32 @@ def figure(run: Run, path: Path, models: list[Model], tuned: dict[int, dict]) ->
         maps["reference"] = ref
         z = int(np.argmax(s.brain.sum(axis=(0, 1))))
         lo, hi = np.percentile(ref[s.brain], [1, 99.5])
-        names = {"reference": "truth" if s.truth is not None else f"mean of {s.num_pairs} pairs",
-                 "mean_k": "2-pair mean", "gaussian": "Gaussian (tuned)", best: f"{best} (best classical)",
-                 "mean_all": f"mean of {s.num_pairs} pairs"}
+        names = {
+            "reference": "truth" if s.truth is not None else f"mean of {s.num_pairs} pairs",
+            "mean_k": "2-pair mean",
+            "gaussian": "Gaussian (tuned)",
+            best: f"{best} (best classical)",
+            "mean_all": f"mean of {s.num_pairs} pairs",
+        }
         for c, col in enumerate(columns):
             ax = axes[r, c]
             ax.axis("off")
             if col in maps:
                 ax.imshow(np.rot90(maps[col][..., z]), cmap="gray", vmin=lo, vmax=hi)
                 ax.set_title(names.get(col, col), fontsize=8)
-        axes[r, 0].text(-0.05, 0.5, f"{label}: {Path(s.name).name}", transform=axes[r, 0].transAxes, rotation=90,
-                        va="center", ha="right", fontsize=8)
-    fig.suptitle("k = 2 input pairs; one colour scale per row (reference's 1-99.5th percentile in the brain/head)",
-                 fontsize=9)
+        axes[r, 0].text(
+            -0.05,
+            0.5,
+            f"{label}: {Path(s.name).name}",
+            transform=axes[r, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=8,
+        )
+    fig.suptitle(
+        "k = 2 input pairs; one colour scale per row (reference's 1-99.5th percentile in the brain/head)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -571,8 +643,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val_dir", type=Path, required=True, help="simulated tuning split (with truth)")
     p.add_argument("--test_dir", type=Path, required=True, help="simulated held-out split (with truth)")
     p.add_argument("--real_dir", type=Path, default=None, help="real BIDS-ASL data set (e.g. .cache/real/ds000240)")
-    p.add_argument("--model", action="append", default=None,
-                   help="NAME=weights.pt[:config.json][:key=value,...] (repeatable; default: the shipped model)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="NAME=weights.pt[:config.json][:key=value,...] (repeatable; default: the shipped model)",
+    )
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--out_dir", type=Path, default=ROOT / "asl_bundle" / "docs" / "benchmark")
     p.add_argument("--max_series", type=int, default=None, help="cap on series per simulated data set")
@@ -582,10 +658,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def grids_for(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"gaussian": ((0.0, 1.0, 2.0), (0.0, 1.0)), "guided": cd.guided_grid()[::5],
-                "nlm": cd.nlm_grid()[2:3], "bm3d": cd.bm3d_grid()[1:2]}
-    return {"gaussian": (cd.GAUSS_INPLANE, cd.GAUSS_THROUGH), "guided": cd.guided_grid(), "nlm": cd.nlm_grid(),
-            "bm3d": cd.bm3d_grid()}
+        return {
+            "gaussian": ((0.0, 1.0, 2.0), (0.0, 1.0)),
+            "guided": cd.guided_grid()[::5],
+            "nlm": cd.nlm_grid()[2:3],
+            "bm3d": cd.bm3d_grid()[1:2],
+        }
+    return {
+        "gaussian": (cd.GAUSS_INPLANE, cd.GAUSS_THROUGH),
+        "guided": cd.guided_grid(),
+        "nlm": cd.nlm_grid(),
+        "bm3d": cd.bm3d_grid(),
+    }
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -602,10 +686,16 @@ def versions() -> dict[str, str]:
     import monai
     import skimage
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-            "numpy": np.__version__, "scikit-image": skimage.__version__,
-            "bm3d": version("bm3d"), "torch_threads": str(torch.get_num_threads()),
-            "cpu": platform.processor() or platform.machine()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "scikit-image": skimage.__version__,
+        "bm3d": version("bm3d"),
+        "torch_threads": str(torch.get_num_threads()),
+        "cpu": platform.processor() or platform.machine(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -625,8 +715,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"{default_weights} does not exist: train the model first or pass --model NAME=weights.pt")
     specs = args.model or [f"network={default_weights}"]
     models = [build_model(spec, config) for spec in specs]
-    timings = {m.name: {"x".join(map(str, shp)): time_model(m, shp) for shp in ((64, 64, 20), (96, 96, 48))}
-               for m in models}
+    timings = {
+        m.name: {"x".join(map(str, shp)): time_model(m, shp) for shp in ((64, 64, 20), (96, 96, 48))} for m in models
+    }
     log(f"network timings (s/volume, CPU, {torch.get_num_threads()} threads): {timings}")
 
     val = load_series(args.val_dir, True, limit)
@@ -651,11 +742,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
     meta = {
         "command": " ".join(["python", "scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
-        "elapsed_s": round(elapsed, 1), "versions": versions(), "load_average": os.getloadavg(),
+        "elapsed_s": round(elapsed, 1),
+        "versions": versions(),
+        "load_average": os.getloadavg(),
         "network_timings_s": timings,
-        "tuned": {str(k): v for k, v in tuned.items()}, "oracle_gaussian": run.oracle, "targets": verdicts,
-        "caps": {"tune_slices": TUNE_SLICES, "tune_series": TUNE_SERIES, "slow_series": SLOW_SERIES,
-                 "slow_real_groups": SLOW_GROUPS, "max_real_groups": MAX_REAL_GROUPS, "max_series": limit},
+        "tuned": {str(k): v for k, v in tuned.items()},
+        "oracle_gaussian": run.oracle,
+        "targets": verdicts,
+        "caps": {
+            "tune_slices": TUNE_SLICES,
+            "tune_series": TUNE_SERIES,
+            "slow_series": SLOW_SERIES,
+            "slow_real_groups": SLOW_GROUPS,
+            "max_real_groups": MAX_REAL_GROUPS,
+            "max_series": limit,
+        },
         "masks": {"simulated": "truth GM+WM+CSF probseg > 0.5", "real": "head mask of NormalizeASLd"},
         "lesion_cbf": "white-paper CBF (bundle quantification) of estimate vs of noise-free deltaM, mean abs in lesion",
         "models": [m.spec for m in models],
@@ -666,8 +767,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(markdown(summary, k_show=2 if 2 in ks else None))
     print()
     print("\n".join(verdicts))
-    print(f"\nwrote {args.out_dir}/benchmark.csv, benchmark_summary.csv, benchmark.png, benchmark.json "
-          f"in {elapsed:.0f} s")
+    print(
+        f"\nwrote {args.out_dir}/benchmark.csv, benchmark_summary.csv, benchmark.png, benchmark.json in {elapsed:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, required=True)
     args = parser.parse_args()
     worst = 0.0
-    print(f"{'series':8} {'type':6} {'B0':>4} {'ro':>3} {'M0':>9} {'tissue':>6} {'hand':>7} "
-          f"{'mean':>7} {'dev%':>6} {'enh':>7} {'dev%':>6}")
+    print(
+        f"{'series':8} {'type':6} {'B0':>4} {'ro':>3} {'M0':>9} {'tissue':>6} {'hand':>7} "
+        f"{'mean':>7} {'dev%':>6} {'enh':>7} {'dev%':>6}"
+    )
     for truth_json in sorted((args.dataset_dir / "derivatives" / "simulation").rglob("*_desc-truth_deltam.json")):
         sub = truth_json.name.split("_")[0]
         acq = json.loads(truth_json.read_text())["acquisition"]
@@ -71,9 +73,11 @@ def main() -> None:
             values = {d: float(np.median(m[mask])) for d, m in maps.items()}
             dev = {d: 100 * (v - ref) / ref for d, v in values.items()}
             worst = max(worst, *(abs(v) for v in dev.values()))
-            print(f"{sub:8} {acq['labeling_type']:6} {acq['field_strength']:>4g} {acq['readout']:>3} "
-                  f"{acq['m0_type']:>9} {tissue:>6} {ref:7.2f} {values['mean']:7.2f} {dev['mean']:6.1f} "
-                  f"{values['enhanced']:7.2f} {dev['enhanced']:6.1f}")
+            print(
+                f"{sub:8} {acq['labeling_type']:6} {acq['field_strength']:>4g} {acq['readout']:>3} "
+                f"{acq['m0_type']:>9} {tissue:>6} {ref:7.2f} {values['mean']:7.2f} {dev['mean']:6.1f} "
+                f"{values['enhanced']:7.2f} {dev['enhanced']:6.1f}"
+            )
     print(f"largest deviation of a median: {worst:.1f}%")
 
 

@@ -104,9 +104,7 @@ def nlm(volume: np.ndarray, guide: np.ndarray, params: Params) -> np.ndarray:
 
 def nlm_grid() -> list[Params]:
     return [
-        {"h": h, "patch_size": ps, "patch_distance": pd}
-        for h in (1.5, 2.2, 3.2, 4.5)
-        for ps, pd in ((3, 4), (5, 6))
+        {"h": h, "patch_size": ps, "patch_distance": pd} for h in (1.5, 2.2, 3.2, 4.5) for ps, pd in ((3, 4), (5, 6))
     ]
 
 

@@ -77,9 +77,7 @@ def fix_aslcontext(perf_dir: Path, num_volumes: int) -> list[str]:
             rows = lines[1:] if lines and lines[0] in ("labeling", "volume_types") else lines
         rows = [{"cbf": "cbf", "deltam": "deltam"}.get(r.lower(), r.lower()) for r in rows]
     if len(rows) != num_volumes or not set(rows) <= {"control", "label", "m0scan"}:
-        fixes.append(
-            f"aslcontext had {len(rows)} rows for {num_volumes} volumes; rebuilt from the known order"
-        )
+        fixes.append(f"aslcontext had {len(rows)} rows for {num_volumes} volumes; rebuilt from the known order")
         rows = _volume_types(num_volumes)
     if fixes:
         path.write_text("volume_type\n" + "\n".join(rows) + "\n")
@@ -118,9 +116,7 @@ def fix_sidecar(perf_dir: Path, context: list[str]) -> list[str]:
         fixes.append(f"sidecar: RepetitionTimePreparation 0/missing -> RepetitionTime {tr}")
     if isinstance(meta.get("global"), dict):
         del meta["global"]
-        fixes.append(
-            "sidecar: removed nonstandard nested 'global' block (dcmstack dump, conflicting EchoTime)"
-        )
+        fixes.append("sidecar: removed nonstandard nested 'global' block (dcmstack dump, conflicting EchoTime)")
     pairs = context.count("control")
     if meta.get("TotalAcquiredPairs") != pairs:
         fixes.append(f"sidecar: TotalAcquiredPairs {meta.get('TotalAcquiredPairs')} -> {pairs}")

@@ -42,24 +42,42 @@ def copy_bundle(source: Path, target: Path, base_weights: Path | None = None) ->
 
 def run_finetune(bundle: Path, dataset_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "finetune.json")]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), "--bundle_root", str(bundle),
-           "--dataset_dir", str(dataset_dir), "--initial_weights", str(bundle / "models" / "base_model.pt"),
-           "--ckpt_dir", str(bundle / "models" / "finetune"),
-           "--output_dir", str(bundle.parent / f"{bundle.name}_runs"), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(configs),
+        "--bundle_root",
+        str(bundle),
+        "--dataset_dir",
+        str(dataset_dir),
+        "--initial_weights",
+        str(bundle / "models" / "base_model.pt"),
+        "--ckpt_dir",
+        str(bundle / "models" / "finetune"),
+        "--output_dir",
+        str(bundle.parent / f"{bundle.name}_runs"),
+        *overrides,
+    ]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def update_metadata(bundle: Path, version: str, base_version: str, dataset_dir: Path, description: str,
-                    overrides: list[str]) -> dict:
+def update_metadata(
+    bundle: Path, version: str, base_version: str, dataset_dir: Path, description: str, overrides: list[str]
+) -> dict:
     """New version, changelog entry and data source in the new bundle's metadata.json."""
     path = bundle / "configs" / "metadata.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     date = datetime.date.today().isoformat()
     settings = " ".join(overrides) or "defaults of finetune.json"
-    entry = (f"{date}: fine-tuned from version {base_version} on {description} ({dataset_dir}); "
-             f"target = mean of the unused pairs (Noise2Noise), learning rate and epochs from finetune.json, "
-             f"overrides: {settings}; checkpoint chosen on held-out series")
+    entry = (
+        f"{date}: fine-tuned from version {base_version} on {description} ({dataset_dir}); "
+        f"target = mean of the unused pairs (Noise2Noise), learning rate and epochs from finetune.json, "
+        f"overrides: {settings}; checkpoint chosen on held-out series"
+    )
     meta["changelog"] = {version: entry, **meta.get("changelog", {})}
     meta["version"] = version
     meta["data_source"] = f"Fine-tuned on {description} ({dataset_dir}); base model: {meta.get('data_source', '')}"

@@ -72,8 +72,9 @@ def tuned_gaussians(path: Path | None) -> dict[int, Method]:
     return out
 
 
-def sweep(dataset_dir: Path, series: list[bench.Series], methods: dict[str, Callable[[int], Method | None]],
-          ks, factors) -> list[dict]:
+def sweep(
+    dataset_dir: Path, series: list[bench.Series], methods: dict[str, Callable[[int], Method | None]], ks, factors
+) -> list[dict]:
     """Rows of (k, factor, method) with median NMSE, ratio to the k-pair mean and tissue biases."""
     masks = [tissue_masks(dataset_dir, s) for s in series]
     rows = []
@@ -90,8 +91,13 @@ def sweep(dataset_dir: Path, series: list[bench.Series], methods: dict[str, Call
             for name, values in scores.items():
                 errors = np.array([e for e, _ in values])
                 ratio = np.median(errors / np.maximum(base, 1e-12)) if factor > 0 else np.nan
-                row = {"k": k, "factor": factor, "method": name, "nmse": float(np.median(errors)),
-                       "ratio_to_mean": float(ratio)}
+                row = {
+                    "k": k,
+                    "factor": factor,
+                    "method": name,
+                    "nmse": float(np.median(errors)),
+                    "ratio_to_mean": float(ratio),
+                }
                 row.update({f"{t}_bias": float(np.median([b[t] for _, b in values])) for t in ("GM", "WM")})
                 rows.append(row)
     return rows
@@ -113,15 +119,17 @@ def main() -> None:
         methods["gaussian (val-tuned)"] = gaussians.get
     for spec in specs:
         model = bench.build_model(spec, DEFAULT_CONFIG)
-        methods[model.name] = lambda k, model=model: (lambda prep: bench.run_model(model, prep))
+        methods[model.name] = lambda k, model=model: lambda prep: bench.run_model(model, prep)
     series = bench.load_series(args.dataset_dir, True, args.max_series)
     rows = sweep(args.dataset_dir, series, methods, args.k, args.factors)
     print("| k | noise factor | method | median NMSE vs truth | ratio to the k-pair mean | GM bias % | WM bias % |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ratio = "" if np.isnan(r["ratio_to_mean"]) else f"{r['ratio_to_mean']:.2f}"
-        print(f"| {r['k']} | {r['factor']:g} | {r['method']} | {r['nmse']:.4f} | {ratio} | "
-              f"{r['GM_bias']:+.1f} | {r['WM_bias']:+.1f} |")
+        print(
+            f"| {r['k']} | {r['factor']:g} | {r['method']} | {r['nmse']:.4f} | {ratio} | "
+            f"{r['GM_bias']:+.1f} | {r['WM_bias']:+.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,7 @@ def find_series(paths: list[Path]) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path)
     args = parser.parse_args()
     print("series".ljust(28) + "".join(name.rjust(8) for _, name, _ in COLUMNS))

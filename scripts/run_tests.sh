@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh data,test,benchmark
 set -euo pipefail
 ruff check asl_bundle scripts tests
+ruff format --check asl_bundle scripts tests
 python -m pytest tests "$@"

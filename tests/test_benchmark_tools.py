@@ -72,8 +72,12 @@ def test_noise_level_sweep_shrinks_noise_and_twin_towards_the_truth():
     rng = np.random.default_rng(3)
     truth = rng.uniform(0.5, 1.5, (10, 9, 4)).astype(np.float32)
     pairs = truth + rng.normal(0, 0.5, (2, *truth.shape)).astype(np.float32)
-    prep = {"input_mean": pairs.mean(0), "input_twin": noise_twin(pairs), "guide": np.full(truth.shape, 100.0),
-            "truth": truth}
+    prep = {
+        "input_mean": pairs.mean(0),
+        "input_twin": noise_twin(pairs),
+        "guide": np.full(truth.shape, 100.0),
+        "truth": truth,
+    }
     half = sweep.shrunk(prep, 0.5)
     np.testing.assert_allclose(half["input_mean"] - truth, 0.5 * (prep["input_mean"] - truth), atol=1e-6)
     np.testing.assert_allclose(half["input_twin"], 0.5 * prep["input_twin"], atol=1e-6)

@@ -87,7 +87,6 @@ def test_shipped_weights_load_strictly_into_every_config():
         _parser(config).get_parsed_content("network_def").load_state_dict(state, strict=True)
 
 
-
 @pytest.mark.parametrize("config", ["train.json", "evaluate.json", "inference.json"])
 def test_config_parses_and_instantiates(config, train_data, tmp_path):
     overrides = {"dataset_dir": str(train_data), "output_dir": str(tmp_path / "out")}

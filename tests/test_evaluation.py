@@ -70,8 +70,18 @@ def test_corrected_error_hand_computed():
 
 def test_series_row_is_median_over_groups():
     writer = ASLEvaluationWriter("/nonexistent", methods=("mean",))
-    base = {"series": "s", "method": "mean", "num_pairs": 2, "total_pairs": 9, "num_groups": 1,
-            "nmse_all": 0.0, "nmse_other": 0.0, "psnr": 0.0, "ssim": 0.0, "gaussian_sigma_mm": ""}
+    base = {
+        "series": "s",
+        "method": "mean",
+        "num_pairs": 2,
+        "total_pairs": 9,
+        "num_groups": 1,
+        "nmse_all": 0.0,
+        "nmse_other": 0.0,
+        "psnr": 0.0,
+        "ssim": 0.0,
+        "gaussian_sigma_mm": "",
+    }
     for g, (err, single) in enumerate([(0.1, 0.3), (0.5, 0.4), (0.2, 0.5)]):
         writer.rows.append({**base, "input_group": g, "nmse_corrected": err, "single_pair_nmse": single})
     (row,) = writer.series_rows()

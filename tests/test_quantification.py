@@ -25,9 +25,15 @@ PATH = "sub-01_asl.json"
 
 
 def _params(num_slices: int = 3, **fields):
-    sidecar = {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "LabelingDuration": 1.8,
-               "MagneticFieldStrength": 3, "BackgroundSuppression": False, "M0Type": "Estimate",
-               "M0Estimate": 1000.0}
+    sidecar = {
+        "ArterialSpinLabelingType": "PCASL",
+        "PostLabelingDelay": 1.8,
+        "LabelingDuration": 1.8,
+        "MagneticFieldStrength": 3,
+        "BackgroundSuppression": False,
+        "M0Type": "Estimate",
+        "M0Estimate": 1000.0,
+    }
     sidecar.update(fields)
     return parse_parameters({k: v for k, v in sidecar.items() if v is not None}, PATH, num_slices)
 
@@ -56,8 +62,13 @@ def test_pcasl_15t_by_hand():
 def test_pasl_by_hand(field, t1b):
     # TI = 1.8 s (BIDS PostLabelingDelay), TI1 = 0.8 s (BolusCutOffDelayTime), alpha 0.98
     expected = 6000 * 0.9 * 10 * math.exp(1.8 / t1b) / (2 * 0.98 * 0.8 * 1000)
-    params = _params(ArterialSpinLabelingType="PASL", LabelingDuration=None, BolusCutOffDelayTime=0.8,
-                     MagneticFieldStrength=field, BolusCutOffFlag=True)
+    params = _params(
+        ArterialSpinLabelingType="PASL",
+        LabelingDuration=None,
+        BolusCutOffDelayTime=0.8,
+        MagneticFieldStrength=field,
+        BolusCutOffFlag=True,
+    )
     assert params.labeling_efficiency == 0.98
     np.testing.assert_allclose(_cbf(params), expected, rtol=1e-6)
 
@@ -78,9 +89,17 @@ def test_per_slice_pld_applied_along_slice_axis():
 
 def test_m0_tr_correction_included():
     params = parse_parameters(
-        {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "LabelingDuration": 1.8,
-         "MagneticFieldStrength": 3, "M0Type": "Included", "RepetitionTimePreparation": 2.0},
-        PATH, 3, m0_source="included",
+        {
+            "ArterialSpinLabelingType": "PCASL",
+            "PostLabelingDelay": 1.8,
+            "LabelingDuration": 1.8,
+            "MagneticFieldStrength": 3,
+            "M0Type": "Included",
+            "RepetitionTimePreparation": 2.0,
+        },
+        PATH,
+        3,
+        m0_source="included",
     )
     # M0 acquired at TR 2 s recovers 1 - e^(-2/1.3) of equilibrium (T1 of GM 1.3 s at 3 T)
     m0_eq = 1000 / (1 - math.exp(-2.0 / 1.3))
@@ -91,9 +110,17 @@ def test_m0_tr_correction_included():
 
 def test_m0_tr_separate_from_m0_sidecar():
     params = parse_parameters(
-        {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "M0Type": "Separate",
-         "MagneticFieldStrength": 1.5, "RepetitionTimePreparation": 4.0},
-        PATH, 3, m0_source="separate", m0_sidecar={"RepetitionTimePreparation": 3.0},
+        {
+            "ArterialSpinLabelingType": "PCASL",
+            "PostLabelingDelay": 1.8,
+            "M0Type": "Separate",
+            "MagneticFieldStrength": 1.5,
+            "RepetitionTimePreparation": 4.0,
+        },
+        PATH,
+        3,
+        m0_source="separate",
+        m0_sidecar={"RepetitionTimePreparation": 3.0},
     )
     assert params.m0_recovery == pytest.approx(1 - math.exp(-3.0 / 1.1))  # 1.5 T: T1 of GM 1.1 s
     assert params.sources["LabelingDuration"] == "default" and params.labeling_duration == 1.8
@@ -147,7 +174,11 @@ def test_per_volume_pld_single_value_of_used_pairs():
     types = ["m0scan", "control", "label", "control", "label"]
     params = parse_parameters(
         {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": [0, 1.5, 1.5, 2.0, 2.0], "M0Type": "Included"},
-        PATH, 3, volume_types=types, used_volumes=[1, 2], m0_source="included",
+        PATH,
+        3,
+        volume_types=types,
+        used_volumes=[1, 2],
+        m0_source="included",
     )
     assert params.pld == 1.5 and not params.cbf_refusal
     assert any("single-PLD" in n and "1.5" in n for n in params.notes)
@@ -156,9 +187,16 @@ def test_per_volume_pld_single_value_of_used_pairs():
 def test_multi_pld_pairs_refused_clearly():
     types = ["control", "label", "control", "label"]
     params = parse_parameters(
-        {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": [1.5, 1.5, 2.0, 2.0], "M0Type": "Estimate",
-         "M0Estimate": 100},
-        PATH, 3, volume_types=types, used_volumes=[0, 1, 2, 3],
+        {
+            "ArterialSpinLabelingType": "PCASL",
+            "PostLabelingDelay": [1.5, 1.5, 2.0, 2.0],
+            "M0Type": "Estimate",
+            "M0Estimate": 100,
+        },
+        PATH,
+        3,
+        volume_types=types,
+        used_volumes=[0, 1, 2, 3],
     )
     assert "multi-PLD" in params.cbf_refusal and "single-PLD" in params.cbf_refusal
     with pytest.raises(ValueError, match="multi-PLD"):
@@ -199,21 +237,29 @@ def test_m0type_included_without_m0_volumes_is_an_error():
     with pytest.raises(ASLInputError, match="M0Type Included but no m0scan volumes"):
         _params(M0Type="Included", M0Estimate=None) if False else parse_parameters(
             {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "M0Type": "Included"},
-            PATH, 3, m0_source="absent",
+            PATH,
+            3,
+            m0_source="absent",
         )
 
 
 def test_missing_m0type_inferred_from_files():
-    params = parse_parameters({"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8}, PATH, 3,
-                              m0_source="separate")
+    params = parse_parameters(
+        {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8}, PATH, 3, m0_source="separate"
+    )
     assert params.m0_type == "Separate" and params.sources["M0Type"].startswith("derived")
 
 
 # ------------------------------------------------------------------- every M0Type on real files
 def _series_item(tmp_path, m0_type: str):
     volumes, types, deltam = phantom_series(shape=(12, 10, 4), num_pairs=2, m0_volumes=1)
-    sidecar = {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "LabelingDuration": 1.8,
-               "MagneticFieldStrength": 3, "M0Type": m0_type}
+    sidecar = {
+        "ArterialSpinLabelingType": "PCASL",
+        "PostLabelingDelay": 1.8,
+        "LabelingDuration": 1.8,
+        "MagneticFieldStrength": 3,
+        "M0Type": m0_type,
+    }
     m0 = None
     if m0_type == "Estimate":
         sidecar["M0Estimate"] = 1000.0
@@ -233,8 +279,12 @@ def test_every_m0_type(tmp_path, m0_type):
 
     item, _, deltam = _series_item(tmp_path, m0_type)
     series = load_asl_series(item)
-    item.update(sidecar_json=json.dumps(series.sidecar), pair_volumes=json.dumps(series.pair_volumes),
-                input_pairs=json.dumps([0, 1]), m0_source=series.m0_source)
+    item.update(
+        sidecar_json=json.dumps(series.sidecar),
+        pair_volumes=json.dumps(series.pair_volumes),
+        input_pairs=json.dumps([0, 1]),
+        m0_source=series.m0_source,
+    )
     result = quantify_series(item, {"mean": series.pairs.mean(axis=0)}, series.m0)
     if m0_type == "Absent":
         assert result.maps == {} and "Absent" in result.reason

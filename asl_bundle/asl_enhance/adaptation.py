@@ -139,8 +139,16 @@ class ScanAdaptation:
             start = time.perf_counter()
             pairs = np.asarray(_value(batch, "pairs", i))[used]
             networks.append(
-                adapt_network(original, pairs, _value(batch, "guide", i), self.steps, self.learning_rate,
-                              self.seed, self.use_guide, self.use_noise_twin)
+                adapt_network(
+                    original,
+                    pairs,
+                    _value(batch, "guide", i),
+                    self.steps,
+                    self.learning_rate,
+                    self.seed,
+                    self.use_guide,
+                    self.use_noise_twin,
+                )
             )
             self.seconds.append(time.perf_counter() - start)
             changed = True

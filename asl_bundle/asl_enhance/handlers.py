@@ -59,9 +59,7 @@ def _series_files(folder: Path, stem: str) -> list[Path]:
     return [p for p in folder.iterdir() if p.name.startswith(f"{stem}_")] if folder.is_dir() else []
 
 
-TISSUE_COLUMNS = (
-    "series", "method", "gm_cbf_mean", "wm_cbf_mean", "gm_cbf_median", "wm_cbf_median", "tissue_source"
-)
+TISSUE_COLUMNS = ("series", "method", "gm_cbf_mean", "wm_cbf_mean", "gm_cbf_median", "wm_cbf_median", "tissue_source")
 _METHOD_NAMES = {"enhanced": "enhanced", "mean": "mean", "all": "all_pairs_mean"}
 
 
@@ -213,8 +211,13 @@ class ASLOutputWriter:
             "Name": "ASL bundle outputs: enhanced deltaM and CBF",
             "BIDSVersion": "1.9.0",
             "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "asl_bundle", "Version": self.version,
-                             "Description": "MONAI bundle: deep-learning enhancement of ASL deltaM, white-paper CBF"}],
+            "GeneratedBy": [
+                {
+                    "Name": "asl_bundle",
+                    "Version": self.version,
+                    "Description": "MONAI bundle: deep-learning enhancement of ASL deltaM, white-paper CBF",
+                }
+            ],
         }
         write_json(self.output_dir / "dataset_description.json", description)
         if self.tissue_rows:
@@ -398,9 +401,16 @@ class ResumableCheckpoint:
     continues from its last completed epoch. (MONAI's CheckpointSaver cannot hold the trainer it is
     attached to from a config without a circular reference.)"""
 
-    def __init__(self, save_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_scheduler: Any = None, resume: bool = False, filename: str = "checkpoint.pt",
-                 enabled: bool = True):
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        resume: bool = False,
+        filename: str = "checkpoint.pt",
+        enabled: bool = True,
+    ):
         self.path = Path(save_dir) / filename
         self.objects: dict[str, Any] = {"model": network, "optimizer": optimizer}
         if lr_scheduler is not None:

@@ -61,8 +61,9 @@ def write_qc_figure(
         change = deltam[names[1]] - deltam[names[0]]
         level = float(np.abs(deltam[names[0]][mask]).mean()) or 1.0
         rms = 100 * float(np.sqrt(np.mean(change[mask] ** 2))) / level
-        groups.append(("change", {f"{names[1]} - {names[0]}\n(rms {rms:.1f}% of mean |dM|)": change}, "RdBu_r",
-                       deltam_units))
+        groups.append(
+            ("change", {f"{names[1]} - {names[0]}\n(rms {rms:.1f}% of mean |dM|)": change}, "RdBu_r", deltam_units)
+        )
     if cbf:
         groups.append(("CBF", cbf, "viridis", "ml/100g/min"))
     rows = sum(len(g[1]) for g in groups)

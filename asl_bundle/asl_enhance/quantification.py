@@ -153,8 +153,9 @@ def parse_parameters(
     labeling_duration = bolus_duration = None
     if labeling_type == "PASL":
         if sidecar.get("BolusCutOffFlag") is False:
-            raise ASLInputError(path, "PASL without bolus cut-off (BolusCutOffFlag false): white-paper CBF needs "
-                                "QUIPSS II / Q2TIPS")
+            raise ASLInputError(
+                path, "PASL without bolus cut-off (BolusCutOffFlag false): white-paper CBF needs QUIPSS II / Q2TIPS"
+            )
         cutoff = _number_list(sidecar, "BolusCutOffDelayTime", path)
         if cutoff is None:
             raise ASLInputError(path, "PASL needs BolusCutOffDelayTime (the bolus duration TI1) for CBF")
@@ -265,8 +266,9 @@ def _parse_background_suppression(sidecar, path, labeling_type, src, notes) -> t
     if pulses is None and isinstance(sidecar.get("BackgroundSuppressionPulseTime"), list):
         pulses = len(sidecar["BackgroundSuppressionPulseTime"])
         src["BackgroundSuppressionNumberPulses"] = "sidecar (length of BackgroundSuppressionPulseTime)"
-    given = _positive(sidecar_number(sidecar, "BackgroundSuppressionEfficiency", path),
-                      "BackgroundSuppressionEfficiency", path, 1.0)
+    given = _positive(
+        sidecar_number(sidecar, "BackgroundSuppressionEfficiency", path), "BackgroundSuppressionEfficiency", path, 1.0
+    )
     if not bs:
         src["BackgroundSuppressionEfficiency"] = DERIVED
         return bool(bs), 0 if pulses is None else pulses, 1.0
@@ -316,8 +318,11 @@ def _parse_m0(sidecar, path, m0_source, m0_sidecar, m0_sidecar_path, src, notes)
         m0_tr = _included_m0_tr(sidecar, path)
         src["M0RepetitionTimePreparation"] = "sidecar (RepetitionTimePreparation)"
     elif m0_type == "Separate":
-        m0_tr = _positive(sidecar_number(m0_sidecar or {}, "RepetitionTimePreparation", m0_sidecar_path),
-                          "RepetitionTimePreparation", m0_sidecar_path)
+        m0_tr = _positive(
+            sidecar_number(m0_sidecar or {}, "RepetitionTimePreparation", m0_sidecar_path),
+            "RepetitionTimePreparation",
+            m0_sidecar_path,
+        )
         src["M0RepetitionTimePreparation"] = "m0scan sidecar (RepetitionTimePreparation)"
     if m0_type in ("Included", "Separate") and m0_tr is None:
         src["M0RepetitionTimePreparation"] = DEFAULT
