@@ -99,6 +99,7 @@ class Series:
     lesion: np.ndarray | None = None
     cbf_params: Any = None
     m0: np.ndarray | None = None
+    tissues: dict[str, np.ndarray] = field(default_factory=dict)  # simulated GM/WM/CSF probabilities
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -120,8 +121,8 @@ def load_series(dataset_dir: Path, simulated: bool, limit: int | None) -> list[S
         s = Series(f"{item['rel_dir']}/{item['stem']}", d, voxel, np.zeros(d["guide"].shape, bool), m0=m0)
         if simulated:
             base = Path(item["truth"]).parent / item["stem"]
-            seg = sum(load_nifti(f"{base}_label-{t}_probseg.nii.gz")[0] for t in ("GM", "WM", "CSF"))
-            s.brain, s.truth = seg > 0.5, d["truth"]
+            s.tissues = {t: load_nifti(f"{base}_label-{t}_probseg.nii.gz")[0] for t in ("GM", "WM", "CSF")}
+            s.brain, s.truth = sum(s.tissues.values()) > 0.5, d["truth"]
             s.lesion = load_nifti(f"{base}_desc-lesion_mask.nii.gz")[0] > 0.5
             cbf = quantify_series(d, {"truth": s.truth}, m0)
             if cbf.maps:
@@ -137,7 +138,12 @@ def prepare(series: Series, group: Sequence[int]) -> dict[str, Any]:
     pairs = series.item["pairs"]
     rest = [i for i in range(pairs.shape[0]) if i not in set(group)]
     d = dict(series.item, pairs=pairs[list(group) + rest])
-    d = SelectPairsd(num_input_pairs=len(group), mode="first", target="none")(d)
+    return normalise(SelectPairsd(num_input_pairs=len(group), mode="first", target="none")(d))
+
+
+def normalise(d: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's NormalizeASLd with every input channel (guide and noise twin) built: each model
+    then takes the channels it was trained with (:func:`run_model`)."""
     return NormalizeASLd(keys=("input_mean",), use_guide=True, use_noise_twin=True)(d)
 
 
@@ -184,7 +190,7 @@ def build_model(spec: str, default_config: Path) -> Model:
 
     name, _, rest = spec.partition("=")
     if not rest:
-        raise SystemExit(f"--model {spec!r}: expected NAME=path/to/model.pt[:config.json][:key=value,...]")
+        raise SystemExit(f"--model {spec!r}: expected NAME=path/to/model.pt[:config.json...][:key=value,...]")
     weights, *options = rest.split(":")
     configs, overrides = [], {}
     for option in options:
@@ -468,22 +474,7 @@ def _nanmedian(values: Sequence[float]) -> float:
 
 
 def markdown(summary: list[dict[str, Any]], k_show: int | None = None) -> str:
-    cols = [
-        "dataset",
-        "k",
-        "method",
-        "n",
-        "nmse_truth",
-        "psnr",
-        "ssim",
-        "nmse_corrected",
-        "effective_pairs",
-        "lesion_cbf_mae",
-        "level_ratio",
-        "seconds",
-        "ratio_to_mean_k",
-        "ratio_to_best_classical",
-    ]
+    cols = ["dataset", "k", "method", "n", *METRICS, "ratio_to_mean_k", "ratio_to_best_classical"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
         if k_show is not None and r["k"] != k_show and not r["method"].startswith("mean_all"):
@@ -647,7 +638,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model",
         action="append",
         default=None,
-        help="NAME=weights.pt[:config.json][:key=value,...] (repeatable; default: the shipped model)",
+        help="NAME=weights.pt[:config.json...][:key=value,...] (repeatable; default: the shipped model)",
     )
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--out_dir", type=Path, default=ROOT / "asl_bundle" / "docs" / "benchmark")

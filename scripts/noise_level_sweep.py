@@ -1,7 +1,7 @@
 """How the enhancement behaves as the input gets cleaner: simulated series with their noise shrunk.
 
 Usage: python scripts/noise_level_sweep.py --dataset_dir data/bench_test \\
-    [--model NAME=path/model.pt[:config.json][:key=value,...] ...] [--k 2 3 4] [--factors 1 0.3 0.1 0] \\
+    [--model NAME=path/model.pt[:config.json...][:key=value,...] ...] [--k 2 3 4] [--factors 1 0.3 0.1 0] \\
     [--benchmark_json asl_bundle/docs/benchmark/benchmark.json]
 
 Why: a denoiser trained on noisy scans must not blur a clean one; a long, high-SNR acquisition would
@@ -28,10 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402
-from asl_enhance.bids import load_nifti  # noqa: E402
 from asl_enhance.metrics import nmse  # noqa: E402
 from asl_enhance.smoothing import gaussian_smooth  # noqa: E402
-from asl_enhance.transforms import NormalizeASLd, RandNoiseLeveld  # noqa: E402
+from asl_enhance.transforms import RandNoiseLeveld  # noqa: E402
 from check_cbf import TISSUE_THRESHOLDS  # noqa: E402
 
 DEFAULT_CONFIG = bench.ROOT / "asl_bundle" / "configs" / "inference.json"
@@ -42,13 +41,11 @@ def shrunk(prep: dict, factor: float) -> dict:
     ``factor`` (noise and twin scaled alike), re-normalised."""
     if factor == 1.0:
         return prep
-    out = RandNoiseLeveld(keys="input_mean", prob=1.0, factor_range=(factor, factor))(prep)
-    return NormalizeASLd(keys=("input_mean",), use_guide=True, use_noise_twin=True)(out)
+    return bench.normalise(RandNoiseLeveld(keys="input_mean", prob=1.0, factor_range=(factor, factor))(prep))
 
 
-def tissue_masks(dataset_dir: Path, series: bench.Series) -> dict[str, np.ndarray]:
-    base = dataset_dir / "derivatives" / "simulation" / series.name
-    return {t: load_nifti(f"{base}_label-{t}_probseg.nii.gz")[0] > p for t, p in TISSUE_THRESHOLDS.items()}
+def tissue_masks(series: bench.Series) -> dict[str, np.ndarray]:
+    return {t: series.tissues[t] > p for t, p in TISSUE_THRESHOLDS.items()}
 
 
 def tissue_bias(estimate: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:
@@ -72,11 +69,9 @@ def tuned_gaussians(path: Path | None) -> dict[int, Method]:
     return out
 
 
-def sweep(
-    dataset_dir: Path, series: list[bench.Series], methods: dict[str, Callable[[int], Method | None]], ks, factors
-) -> list[dict]:
+def sweep(series: list[bench.Series], methods: dict[str, Callable[[int], Method | None]], ks, factors) -> list[dict]:
     """Rows of (k, factor, method) with median NMSE, ratio to the k-pair mean and tissue biases."""
-    masks = [tissue_masks(dataset_dir, s) for s in series]
+    masks = [tissue_masks(s) for s in series]
     rows = []
     for k in ks:
         active = {name: fn for name, make in methods.items() if (fn := make(k)) is not None}
@@ -121,7 +116,7 @@ def main() -> None:
         model = bench.build_model(spec, DEFAULT_CONFIG)
         methods[model.name] = lambda k, model=model: lambda prep: bench.run_model(model, prep)
     series = bench.load_series(args.dataset_dir, True, args.max_series)
-    rows = sweep(args.dataset_dir, series, methods, args.k, args.factors)
+    rows = sweep(series, methods, args.k, args.factors)
     print("| k | noise factor | method | median NMSE vs truth | ratio to the k-pair mean | GM bias % | WM bias % |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
