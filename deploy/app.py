@@ -30,7 +30,7 @@ from operators import (  # noqa: E402
     num_pairs_from_env,
 )
 
-APP_VERSION = "0.4.0"
+APP_VERSION = "0.5.0"
 
 
 class ASLEnhanceApp(Application):

@@ -142,8 +142,8 @@ def prepare(series: Series, group: Sequence[int]) -> dict[str, Any]:
 
 
 def normalise(d: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's NormalizeASLd with every input channel (guide and noise twin) built: each model
-    then takes the channels it was trained with (:func:`run_model`)."""
+    """The bundle's NormalizeASLd with every input channel (guide and noise twin) built, for the
+    head mask and the classical denoisers; :func:`run_model` re-normalises for each model."""
     return NormalizeASLd(keys=("input_mean",), use_guide=True, use_noise_twin=True)(d)
 
 
@@ -161,6 +161,7 @@ class Model:
     use_guide: bool
     use_noise_twin: bool
     spec: str
+    input_level: str = "deltam"
 
 
 def parse_value(text: str) -> Any:
@@ -211,16 +212,20 @@ def build_model(spec: str, default_config: Path) -> Model:
     net.load_state_dict(state)
     use_guide = bool(parser.get_parsed_content("use_guide"))
     use_noise_twin = bool(parser.get_parsed_content("use_noise_twin", default=False))  # configs before 0.2.0
-    return Model(name, net.eval(), use_guide, use_noise_twin, spec)
+    input_level = str(parser.get_parsed_content("input_level", default="guide"))  # configs before 0.5.0
+    return Model(name, net.eval(), use_guide, use_noise_twin, spec, input_level)
 
 
 @torch.inference_mode()
 def run_model(model: Model, prep: dict[str, Any]) -> np.ndarray:
-    """Network output in the input's units, restored with the bundle's RestoreScaled."""
-    channels = [0] + [1] * model.use_guide + [2, 3] * model.use_noise_twin  # prepare() builds all four
-    image = prep["image"][channels]
-    pred = model.net(torch.as_tensor(image[None]))[0, 0].numpy()
-    return RestoreScaled(keys="pred")({"pred": pred, "scale": prep["scale"]})["pred"]
+    """Network output in the input's units: the bundle's NormalizeASLd with the model's own input
+    settings, the network, then RestoreScaled."""
+    d = NormalizeASLd(
+        keys=("input_mean",), use_guide=model.use_guide, use_noise_twin=model.use_noise_twin,
+        input_level=model.input_level,
+    )(prep)  # fmt: skip
+    pred = model.net(torch.as_tensor(d["image"][None]))[0, 0].numpy()
+    return RestoreScaled(keys="pred")({"pred": pred, "scale": d["scale"]})["pred"]
 
 
 def time_model(model: Model, shape: tuple[int, int, int], repeats: int = 3) -> float:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the shipped default model from scratch on the CPU: simulate the training cohort, then run
 # the bundle's train.json with the noise-free target the simulator provides. Writes
-# asl_bundle/models/model.pt (best validation NMSE) and TensorBoard logs under runs/train.
+# asl_bundle/models/model.pt (the network after the last epoch; the best-validation checkpoint goes to
+# model_best_val.pt beside it) and TensorBoard logs under runs/train.
 # Extra arguments are passed to the runner (e.g. --max_epochs 5 for a short trial).
 set -euo pipefail
 cd "$(dirname "$0")/.."

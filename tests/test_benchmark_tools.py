@@ -104,3 +104,34 @@ def test_model_spec_merges_several_configs(tmp_path):
     model = benchmark.build_model(f"dyn={weights}:{inference}:{overlay}:noise_bound=0", inference)
     assert isinstance(model.net.backbone, PaddedBackbone)
     assert model.net.noise_bound == 0.0 and model.use_noise_twin
+
+
+def test_level_check_separates_level_keeping_from_level_prior(tmp_path):
+    """scripts/level_check.py: scaling deltaM at fixed M0 leaves the level ratio of a network in the
+    deltaM unit unchanged, while the legacy unit (percent of M0) lets it drift; a trained-looking
+    (non-zero) output layer makes the network non-linear so the difference shows."""
+    import level_check
+    from monai.bundle import ConfigParser
+
+    inference = Path(__file__).resolve().parents[1] / "asl_bundle" / "configs" / "inference.json"
+    parser = ConfigParser()
+    parser.read_config(str(inference))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    for param in net.parameters():
+        param.data.normal_(0.0, 0.3)
+    weights = tmp_path / "model.pt"
+    torch.save(net.state_dict(), weights)
+    rng = np.random.default_rng(3)
+    shape = (16, 14, 6)
+    truth = gaussian_smooth(rng.uniform(0.0, 2.0, shape), (1.5, 1.5, 1.0)).astype(np.float32)
+    pairs = (truth + rng.normal(0.0, 0.5, (5, *shape))).astype(np.float32)
+    item = {"pairs": pairs, "guide": np.full(shape, 300.0, np.float32), "asl": "phantom"}
+    series = benchmark.Series("phantom", item, (3.0, 3.0, 5.0), np.ones(shape, bool), truth=truth)
+    models = [
+        benchmark.build_model(f"{n}={weights}:noise_bound=0,input_level={n}", inference) for n in ("deltam", "guide")
+    ]
+    rows = level_check.check([series], models, [2], [0.25, 1.0, 4.0])
+    levels = {(r["method"], r["factor"]): r["level"] for r in rows}
+    assert levels[("deltam", 0.25)] == pytest.approx(levels[("deltam", 4.0)], rel=1e-4)
+    assert abs(levels[("guide", 0.25)] - levels[("guide", 4.0)]) > 1e-3

@@ -61,6 +61,7 @@ def train_data(tmp_path_factory) -> Path:
 #: it is applied at inference only.
 NETWORK_KEYS = (
     "use_guide",
+    "input_level",
     "use_noise_twin",
     "noise_feature",
     "smoothing_sigmas",
@@ -129,14 +130,31 @@ def test_tiny_train_run(train_data, tmp_path):
         "--output_dir", str(tmp_path / "runs"),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (ckpt / "model.pt").is_file()  # saved by the validation's key-metric CheckpointSaver
     assert "val_nmse" in result.stdout + result.stderr  # validation ran
     assert "Epoch[2] Complete" in result.stdout + result.stderr
+    # keep_weights "last": model.pt is the network at the end of the schedule, the best validation
+    # checkpoint is kept beside it
     state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    final = torch.load(ckpt / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]
+    for name, tensor in final["model"].items():
+        assert torch.equal(state[name], tensor), name
+    assert (ckpt / "model_best_val.pt").is_file()  # saved by the validation's key-metric CheckpointSaver
     net = _parser("inference.json").get_parsed_content("network_def")
     net.load_state_dict(state)  # the trained weights fit the inference network
-    assert {p.name for p in ckpt.iterdir()} <= {"model.pt", "checkpoint.pt"}  # nothing partial left
+    assert {p.name for p in ckpt.iterdir()} <= {"model.pt", "checkpoint.pt", "model_best_val.pt"}  # nothing partial
+
+
+def test_validation_scores_every_series_at_every_k(train_data, tmp_path):
+    """val_num_pairs [1, 2, 3, 4]: each validation series is scored at each k (first k pairs), so the
+    checkpoint metric covers the SNR range the bundle is used at."""
+    parser = _parser("train.json", dataset_dir=str(train_data), ckpt_dir=str(tmp_path / "c"))
+    series = parser.get_parsed_content("partitions")[1]
+    items = parser.get_parsed_content("val_datalist")
+    assert len(series) >= 1 and len(items) == 4 * len(series)
+    select = parser.get_parsed_content("validate#preprocessing")
+    used = [select(item, end=2)["num_pairs_used"] for item in items[:4]]  # load, select pairs
+    assert used == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------------------------------ evaluation

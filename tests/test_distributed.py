@@ -52,7 +52,7 @@ def test_torchrun_two_processes_cpu(ddp_data, tmp_path):
     assert log.count("SupervisedTrainer - INFO - Epoch[1] Complete") == 1, log[-4000:]  # rank 1 logs warnings only
     assert "val_nmse" in log
     assert (ckpt / "model.pt").is_file() and (ckpt / "checkpoint.pt").is_file()
-    assert {p.name for p in ckpt.iterdir()} <= {"model.pt", "checkpoint.pt"}
+    assert {p.name for p in ckpt.iterdir()} <= {"model.pt", "checkpoint.pt", "model_best_val.pt"}
     writers = {p.name.split(".")[3] for p in runs.glob("events.out.tfevents.*")}  # name holds the writer's pid
     assert len(writers) == 1, writers  # TensorBoard: rank 0 only
     parser = ConfigParser()

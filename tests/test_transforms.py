@@ -16,7 +16,9 @@ from asl_enhance.transforms import (
     RandNoiseLeveld,
     RestoreScaled,
     SelectPairsd,
+    deltam_level,
     guide_scale,
+    network_input,
     noise_twin,
     num_input_channels,
 )
@@ -36,9 +38,12 @@ def _chain(num_pairs=None, k=None, target="none", use_guide=True, mode="first", 
     )
 
 
-def _write_phantom(folder, stem="sub-01", scale=1.0, guide="included", seed=0, num_pairs=5):
+def _write_phantom(folder, stem="sub-01", scale=1.0, guide="included", seed=0, num_pairs=5, perfusion=1.0):
+    """``scale`` multiplies every volume; ``perfusion`` only each control - label difference."""
     volumes, types, truth = phantom_series(SHAPE, num_pairs=num_pairs, seed=seed, m0_volumes=1)
     volumes = volumes * scale
+    for i in [i for i, t in enumerate(types) if t == "label"]:  # each label follows its control
+        volumes[..., i] = volumes[..., i - 1] - perfusion * (volumes[..., i - 1] - volumes[..., i])
     m0 = None
     if guide in ("control", "separate", "none"):
         m0 = volumes[..., 0] if guide == "separate" else None
@@ -111,9 +116,59 @@ def test_guide_scale_is_homogeneous():
     assert guide_scale(np.zeros(SHAPE), np.zeros(SHAPE))[0] == 1.0
 
 
+@pytest.mark.parametrize("c", [0.2, 3.0])
+def test_network_input_ignores_the_deltam_to_m0_ratio(c):
+    """Scaling deltaM (and its noise) with M0 fixed, as a scanner's M0 scaling or a subject's global
+    CBF does, must leave the network's input unchanged: only ``scale`` follows deltaM."""
+    rng = np.random.default_rng(1)
+    guide = rng.uniform(500, 1000, SHAPE)
+    deltam = rng.normal(5.0, 3.0, SHAPE)
+    twin = rng.normal(0.0, 3.0, SHAPE)
+    image, scale, mask = network_input(deltam, guide, twin=twin)
+    image_c, scale_c, mask_c = network_input(deltam * c, guide, twin=twin * c)
+    np.testing.assert_allclose(image_c, image, rtol=1e-5, atol=1e-6)
+    assert scale_c == pytest.approx(c * scale, rel=1e-6)
+    np.testing.assert_array_equal(mask, mask_c)
+    assert image[0][mask].mean() == pytest.approx(0.3, rel=1e-4)  # DELTAM_HEAD_LEVEL
+    legacy, legacy_scale, _ = network_input(deltam * c, guide, twin=twin * c, input_level="guide")
+    assert legacy_scale == pytest.approx(guide_scale(guide, deltam)[0] / 100.0)  # percent of M0, not equivariant
+    np.testing.assert_allclose(legacy[0] * legacy_scale, deltam * c, rtol=1e-5)
+    with pytest.raises(ValueError, match="input_level"):
+        network_input(deltam, guide, input_level="m0")
+
+
+def test_deltam_level_stays_positive():
+    mask = np.ones(SHAPE, bool)
+    noise = np.random.default_rng(2).normal(0.0, 2.0, SHAPE)
+    assert deltam_level(noise - noise.mean(), mask) == pytest.approx(
+        0.05 * np.sqrt(np.mean((noise - noise.mean()) ** 2))
+    )
+    assert deltam_level(-np.abs(noise), mask) > 0  # inverted label order: still a finite positive unit
+    assert deltam_level(np.zeros(SHAPE), mask) == 1.0
+
+
+def test_item_sets_its_own_k(tmp_path):
+    """``num_pairs_key``: one validation list scores each series at several k (first k pairs)."""
+    item, _, _ = _write_phantom(tmp_path, num_pairs=5)
+    loaded = LoadASLSeriesd()(item)
+    select = SelectPairsd(num_input_pairs=2, target="other", num_pairs_key="val_num_pairs")
+    for k in (1, 3, 4):
+        d = select(dict(loaded, val_num_pairs=k))
+        assert json.loads(d["input_pairs"]) == list(range(k)) and d["num_pairs_used"] == k
+    assert select(loaded)["num_pairs_used"] == 2  # no field: the transform's own k
+    assert select(dict(loaded, val_num_pairs=5))["num_pairs_used"] == 4  # capped: one pair stays the target
+    with pytest.raises(ASLInputError, match="needs more than 5 pairs"):
+        SelectPairsd(num_input_pairs=5, target="other")(loaded)  # an explicit k is never capped
+
+
 @pytest.mark.parametrize("guide", ["included", "separate", "control", "none"])
-@pytest.mark.parametrize("c", [7.25, 0.013])
-def test_scale_equivariance_through_network(tmp_path, guide, c):
+@pytest.mark.parametrize(
+    "scaled, c", [("every volume", 7.25), ("every volume", 0.013), ("perfusion only", 4.0), ("perfusion only", 0.25)]
+)
+def test_scale_equivariance_through_network(tmp_path, guide, c, scaled):
+    """Enhanced deltaM scales with the input, whether a scanner's units change (every volume) or
+    only the perfusion does at fixed M0 (global CBF, labelling efficiency): no level prior. (A
+    perfusion-only factor of 0.013 would lose deltaM to float32 rounding of control - label.)"""
     torch.manual_seed(0)
     channels = num_input_channels(guide != "none", use_noise_twin=True)
     net = ResidualEnhancer(DilatedTwoPathwayNet(in_channels=channels, features=8), smooth_sigma=0.5)
@@ -121,7 +176,10 @@ def test_scale_equivariance_through_network(tmp_path, guide, c):
     post = RestoreScaled("pred")
     outputs = []
     for scale, folder in ((1.0, tmp_path / "a"), (c, tmp_path / "b")):
-        item, _, _ = _write_phantom(folder, scale=scale, guide=guide)
+        if scaled == "every volume":
+            item, _, _ = _write_phantom(folder, scale=scale, guide=guide)
+        else:
+            item, _, _ = _write_phantom(folder, perfusion=scale, guide=guide)
         d = _chain(k=2, use_guide=guide != "none", use_noise_twin=True)(item)
         assert d["image"].shape[0] == channels
         with torch.no_grad():
@@ -131,7 +189,8 @@ def test_scale_equivariance_through_network(tmp_path, guide, c):
     (d1, raw1, out1), (dc, rawc, outc) = outputs
     assert float(dc["scale"]) == pytest.approx(c * float(d1["scale"]), rel=1e-4)
     np.testing.assert_allclose(dc["image"], d1["image"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(dc["mask"], d1["mask"])
+    if scaled == "every volume" or guide != "none":  # without any guide the mask comes from deltaM
+        np.testing.assert_array_equal(dc["mask"], d1["mask"])
     # network output (normalised units) is unchanged, so output x scale scales by c
     np.testing.assert_allclose(rawc, raw1, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(rawc * float(dc["scale"]), c * raw1 * float(d1["scale"]), rtol=1e-4, atol=1e-4 * c)

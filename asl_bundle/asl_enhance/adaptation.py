@@ -57,6 +57,7 @@ def adapt_network(
     seed: int = 0,
     use_guide: bool = True,
     use_noise_twin: bool = True,
+    input_level: str = "deltam",
 ) -> torch.nn.Module:
     """A copy of ``network`` trained ``steps`` Adam steps on Noise2Noise splits of ``pairs`` (K, X, Y, Z):
     input = mean of some pairs (normalised as the pipeline does), target = mean of the others, MSE over
@@ -76,7 +77,7 @@ def adapt_network(
             if key not in cache:
                 inputs = pairs[used]
                 image, scale, _ = network_input(
-                    inputs.mean(axis=0), guide, use_guide, use_noise_twin, noise_twin(inputs)
+                    inputs.mean(axis=0), guide, use_guide, use_noise_twin, noise_twin(inputs), input_level
                 )
                 label = (pairs[rest].mean(axis=0) / scale)[None]
                 cache[key] = (torch.as_tensor(image)[None], torch.as_tensor(label, dtype=torch.float32)[None])
@@ -113,9 +114,11 @@ class ScanAdaptation:
         seed: int = 0,
         use_guide: bool = True,
         use_noise_twin: bool = True,
+        input_level: str = "deltam",
     ):
         self.steps, self.learning_rate = int(steps), float(learning_rate)
         self.seed, self.use_guide, self.use_noise_twin = int(seed), bool(use_guide), bool(use_noise_twin)
+        self.input_level = input_level
         self.seconds: list[float] = []
         self._original: torch.nn.Module | None = None
 
@@ -148,6 +151,7 @@ class ScanAdaptation:
                     self.seed,
                     self.use_guide,
                     self.use_noise_twin,
+                    self.input_level,
                 )
             )
             self.seconds.append(time.perf_counter() - start)

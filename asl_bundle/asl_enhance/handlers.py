@@ -399,7 +399,9 @@ class ResumableCheckpoint:
     """Saves model, optimizer, scheduler and trainer state at every epoch end to one file, written
     atomically; with ``resume`` it restores them when training starts, so a run killed mid-epoch
     continues from its last completed epoch. (MONAI's CheckpointSaver cannot hold the trainer it is
-    attached to from a config without a circular reference.)"""
+    attached to from a config without a circular reference.) ``final_filename``: when training
+    completes (never on an error, unlike CheckpointSaver's ``save_final``), the network's weights
+    alone go there too, so a finished schedule is the model."""
 
     def __init__(
         self,
@@ -410,8 +412,10 @@ class ResumableCheckpoint:
         resume: bool = False,
         filename: str = "checkpoint.pt",
         enabled: bool = True,
+        final_filename: str | None = None,
     ):
         self.path = Path(save_dir) / filename
+        self.final_path = Path(save_dir) / final_filename if final_filename else None
         self.objects: dict[str, Any] = {"model": network, "optimizer": optimizer}
         if lr_scheduler is not None:
             self.objects["lr_scheduler"] = lr_scheduler
@@ -423,6 +427,8 @@ class ResumableCheckpoint:
             engine.add_event_handler(Events.STARTED, self.load)
         if self.enabled:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+            if self.final_path is not None:
+                engine.add_event_handler(Events.COMPLETED, self.save_final)
 
     def load(self, engine: Engine | None = None) -> None:
         """Restore every object from the checkpoint file (clear error when it is missing)."""
@@ -439,8 +445,15 @@ class ResumableCheckpoint:
         print(f"Resumed from {self.path} after epoch {done} of {trainer.state.max_epochs}", flush=True)
 
     def save(self, engine: Engine) -> None:
-        state = {name: obj.state_dict() for name, obj in self.objects.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.partial")
-        torch.save(state, tmp)
-        tmp.replace(self.path)
+        _atomic_save({name: obj.state_dict() for name, obj in self.objects.items()}, self.path)
+
+    def save_final(self, engine: Engine) -> None:
+        assert self.final_path is not None
+        _atomic_save(self.objects["model"].state_dict(), self.final_path)
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(state, tmp)
+    tmp.replace(path)

@@ -16,8 +16,16 @@ from monai.transforms import MapTransform, Randomizable
 
 from .bids import ASLInputError, load_asl_series, load_nifti
 
-#: normalised deltaM is expressed in percent of the guide's level (M0 or mean control)
+#: the network sees deltaM scaled so that its own mean inside the head is this value (about the
+#: head mean of deltaM in percent of M0 in simulated and real scans, so losses keep their scale)
+DELTAM_HEAD_LEVEL = 0.3
+#: legacy unit of the 0.1-0.4 weights: deltaM in percent of the guide's head level
 PERCENT = 100.0
+#: what sets the network's deltaM unit: its own head mean (``deltam``) or the guide (``guide``, legacy)
+INPUT_LEVELS = ("deltam", "guide")
+#: the deltaM level never falls below this fraction of its RMS inside the head (near-zero or
+#: negative means: no perfusion, inverted label order), so the scale stays positive and finite
+DELTAM_LEVEL_FLOOR = 0.05
 #: voxels above this fraction of the guide's 99th percentile form the head mask
 HEAD_MASK_FRACTION = 0.2
 #: spatial shape of the placeholder arrays of a series that failed (``on_error="skip"``)
@@ -59,7 +67,7 @@ class LoadASLSeriesd(MapTransform):
     """Read the series named by ``keys`` (default ``asl``) into ``pairs`` (P, X, Y, Z) and ``guide``.
 
     ``guide`` is M0 where the series has it, else the mean control image, else zeros; it sets the
-    scale and gives the network sharp anatomy. ``num_pairs`` keeps the first K pairs only (K < 1 or
+    head mask and gives the network sharp anatomy. ``num_pairs`` keeps the first K pairs only (K < 1 or
     more than the series has is an input error). ``on_error="skip"`` turns an :class:`ASLInputError`
     into a failed item (see :func:`mark_failed`) instead of raising; ``error`` is "" otherwise.
     """
@@ -129,6 +137,9 @@ class SelectPairsd(Randomizable, MapTransform):
     variance of the ``other`` target's own noise, for noise-corrected scores. Items that already
     failed pass through untouched; ``on_error="skip"`` fails an item that has too few pairs.
     ``input_twin`` is the :func:`noise_twin` of the input pairs (absent for a single pair).
+    ``num_pairs_key`` names an item field that, where present, sets k for that item (modes
+    ``first`` and ``groups``; capped at the series' pairs), so one validation set can score every
+    series at several k.
     """
 
     def __init__(
@@ -140,6 +151,7 @@ class SelectPairsd(Randomizable, MapTransform):
         on_error: str = "raise",
         allow_missing_keys: bool = False,
         max_groups: int = 4,
+        num_pairs_key: str | None = None,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.on_error = _check_on_error(on_error)
@@ -152,7 +164,7 @@ class SelectPairsd(Randomizable, MapTransform):
             self.k_range = (int(num_input_pairs[0]), int(num_input_pairs[-1]))
         else:
             self.k_range = None if num_input_pairs in (None, "", 0, "all") else (int(num_input_pairs),) * 2
-        self.mode, self.target = mode, target
+        self.mode, self.target, self.num_pairs_key = mode, target, num_pairs_key
         self._k = 0
         self._order: np.ndarray | None = None
 
@@ -186,7 +198,7 @@ class SelectPairsd(Randomizable, MapTransform):
 
     def _groups(self, d: dict) -> list[dict]:
         num_pairs = int(np.shape(next(d[key] for key in self.key_iterator(d)))[0])
-        k = num_pairs if self.k_range is None else self.k_range[0]
+        k = self._fixed_k(d, num_pairs)
         count = self.num_groups(num_pairs, k)
         if count == 0:
             message = f"needs more than {k} pairs to score against unused pairs, has {num_pairs}"
@@ -202,7 +214,7 @@ class SelectPairsd(Randomizable, MapTransform):
     def _select(self, d: dict, split: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         for key in self.key_iterator(d):
             pairs = np.asarray(d[key])
-            used, rest = split if split is not None else self._split(pairs.shape[0], d.get("asl", key))
+            used, rest = split if split is not None else self._split(pairs.shape[0], d)
             d["input_mean"] = pairs[used].mean(axis=0).astype(np.float32)
             twin = noise_twin(pairs[used])
             if twin is None:  # a single pair has no twin: the key is left out (None does not collate)
@@ -219,12 +231,21 @@ class SelectPairsd(Randomizable, MapTransform):
             if self.target != "none":
                 d["target"] = self._target(d, pairs, rest)
 
-    def _split(self, num_pairs: int, source: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _fixed_k(self, d: Mapping, num_pairs: int) -> int:
+        """k of modes first and groups: the item's own (``num_pairs_key``), capped at what the series
+        allows (all pairs, less one for the ``other`` target) so short series still validate; else
+        the transform's, which is never capped (an impossible k is an input error)."""
+        if self.num_pairs_key and d.get(self.num_pairs_key) is not None:
+            return max(1, min(int(d[self.num_pairs_key]), num_pairs - (self.target == "other")))
+        return num_pairs if self.k_range is None else self.k_range[0]
+
+    def _split(self, num_pairs: int, d: Mapping) -> tuple[np.ndarray, np.ndarray]:
         if self.mode == "random":
             self.randomize(num_pairs)
             assert self._order is not None
             return np.sort(self._order[: self._k]), np.sort(self._order[self._k :])
-        k = num_pairs if self.k_range is None else self.k_range[0]
+        source = d.get("asl", "<series>")
+        k = self._fixed_k(d, num_pairs)
         if k > num_pairs:
             raise ASLInputError(source, f"needs {k} input pairs but the series has {num_pairs}")
         if self.target == "other" and k >= num_pairs:
@@ -290,6 +311,23 @@ def guide_scale(guide: np.ndarray, fallback: np.ndarray) -> tuple[float, np.ndar
     return float(reference[mask].mean(dtype=np.float64)), mask
 
 
+def deltam_level(input_mean: np.ndarray, mask: np.ndarray) -> float:
+    """Mean deltaM inside the head, the unit the network works in.
+
+    Scaling by deltaM's own level, not the guide's, makes the enhancement equivariant to the
+    deltaM/M0 ratio, which differs between scanners (M0 scaling, readout, PLD) and between subjects
+    (global CBF): scaled by M0, a network learns the training cohort's ratio and pulls every other
+    scan's level towards it. The mean is unbiased under zero-mean noise, so the unit does not
+    depend on SNR; it is homogeneous of degree 1, so the output scales exactly with the input.
+    """
+    values = np.asarray(input_mean, np.float64)[mask]
+    if values.size == 0:
+        return 1.0
+    rms = float(np.sqrt(np.mean(values**2)))
+    level = max(float(values.mean()), DELTAM_LEVEL_FLOOR * rms)
+    return level if level > 0 else 1.0
+
+
 def noise_twin(pairs: np.ndarray) -> np.ndarray | None:
     """A perfusion-free image with the same noise statistics as the mean of ``pairs`` (K, X, Y, Z).
 
@@ -321,21 +359,33 @@ def noise_twin_channel(use_guide: bool = True, use_noise_twin: bool = True) -> i
     return 1 + int(bool(use_guide)) if use_noise_twin else None
 
 
+def check_input_level(input_level: str) -> str:
+    if input_level not in INPUT_LEVELS:
+        raise ValueError(f"input_level must be one of {INPUT_LEVELS}, got {input_level!r}")
+    return input_level
+
+
 def network_input(
     input_mean: Any,
     guide: Any,
     use_guide: bool = True,
     use_noise_twin: bool = True,
     twin: np.ndarray | None = None,
+    input_level: str = "deltam",
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """The network's ``image`` (C, X, Y, Z), the ``scale`` back to input units and the head mask,
-    from a k-pair mean, the guide and (``use_noise_twin``) the :func:`noise_twin` of the input pairs
-    with a flag channel that is 1 where a twin exists (K >= 2) and 0 where it does not (K = 1); one
-    function, so per-scan adaptation builds inputs exactly as the pipeline does."""
+    from a k-pair mean (scaled by :func:`deltam_level`), the guide and (``use_noise_twin``) the
+    :func:`noise_twin` of the input pairs with a flag channel that is 1 where a twin exists (K >= 2)
+    and 0 where it does not (K = 1); one function, so per-scan adaptation builds inputs exactly as
+    the pipeline does. ``input_level``
+    ``guide`` gives the legacy unit (percent of the guide's level) that weights before 0.5.0 need."""
     guide = np.asarray(guide)
     input_mean = np.asarray(input_mean)
     level, mask = guide_scale(guide, input_mean)
-    scale = level / PERCENT
+    if check_input_level(input_level) == "guide":
+        scale = level / PERCENT
+    else:
+        scale = deltam_level(input_mean, mask) / DELTAM_HEAD_LEVEL
     channels = [input_mean / scale]
     if use_guide:
         channels.append(guide / level)
@@ -347,7 +397,7 @@ def network_input(
 
 
 class NormalizeASLd(MapTransform):
-    """Build ``image`` (C, X, Y, Z): deltaM in percent of the guide's level, then (optionally) the
+    """Build ``image`` (C, X, Y, Z): deltaM at a head mean of DELTAM_HEAD_LEVEL, then (optionally) the
     guide at unit level and the input's noise twin with its flag (see :func:`network_input`);
     ``label`` likewise from ``target``; ``mask`` the head; ``scale`` the factor
     that turns network output back into the input's units. A failed item gets zero placeholders."""
@@ -360,10 +410,12 @@ class NormalizeASLd(MapTransform):
         use_noise_twin: bool = True,
         twin_key: str = "input_twin",
         allow_missing_keys: bool = True,
+        input_level: str = "deltam",
     ):
         super().__init__(keys, allow_missing_keys)
         self.guide_key, self.use_guide = guide_key, use_guide
         self.use_noise_twin, self.twin_key = use_noise_twin, twin_key
+        self.input_level = check_input_level(input_level)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -376,7 +428,7 @@ class NormalizeASLd(MapTransform):
         twin = d.get(self.twin_key)
         d["image"], scale, mask = network_input(
             d["input_mean"], d[self.guide_key], self.use_guide, self.use_noise_twin,
-            twin if isinstance(twin, np.ndarray) else None,
+            twin if isinstance(twin, np.ndarray) else None, self.input_level,
         )  # fmt: skip
         if isinstance(d.get("target"), np.ndarray):
             d["label"] = (d["target"] / scale)[None].astype(np.float32)

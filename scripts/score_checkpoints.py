@@ -1,0 +1,82 @@
+"""Score training runs' checkpoints, the best-validation pick and the end of the schedule, on the
+real scan and a simulated split, with the benchmark's own loading, grouping and model code.
+
+Usage: python scripts/score_checkpoints.py THREADS REAL_DIR SIM_DIR OUT.json RUN_DIR[:overlay.json] ...
+
+Each RUN_DIR is a ``--ckpt_dir`` of train.json: ``model_best_val.pt`` (or ``model.pt`` of runs made
+with ``keep_weights: "best"``) and ``checkpoint.pt`` (its ``model`` entry, the last epoch). Prints and
+writes, per checkpoint and k = 1-4, the median noise-corrected NMSE over 10 disjoint groups of the
+real scan, and the median NMSE against the truth and output level ratio over the simulated series
+(first k pairs), plus the plain k-pair mean for reference. Used for the seed study in the model card.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark as bench  # noqa: E402
+from asl_enhance.metrics import nmse, nmse_corrected  # noqa: E402
+
+KS = (1, 2, 3, 4)
+REAL_GROUPS = 10
+
+
+def checkpoints(run_spec: str, config: Path) -> list[bench.Model]:
+    """The best-validation and last-epoch networks of one run (``DIR`` or ``DIR:overlay.json``)."""
+    run, *overlays = run_spec.split(":")
+    configs = "".join(f":{c}" for c in ([str(config), *overlays] if overlays else []))
+    best = Path(run) / "model_best_val.pt"
+    best = best if best.exists() else Path(run) / "model.pt"
+    found = [(which, path) for which, path in (("best", best), ("last", Path(run) / "checkpoint.pt")) if path.exists()]
+    return [bench.build_model(f"{Path(run).name}_{which}={path}{configs}", config) for which, path in found]
+
+
+def estimate(model: bench.Model | None, prep: dict) -> np.ndarray:
+    """The model's output, or the plain k-pair mean for ``None``."""
+    return prep["input_mean"] if model is None else bench.run_model(model, prep)
+
+
+def score(model: bench.Model | None, real_cases: dict, sim_cases: dict) -> dict[str, float]:
+    row = {}
+    for k in KS:
+        real = [
+            nmse_corrected(estimate(model, p), p["other_mean"], p["target_noise_var"], s.brain)
+            for s, p in real_cases[k]
+        ]
+        if real:
+            row[f"real_k{k}"] = float(np.median(real))
+        outputs = [(s, estimate(model, p)) for s, p in sim_cases[k]]
+        if outputs:
+            row[f"sim_k{k}"] = float(np.median([nmse(e, s.truth, s.brain) for s, e in outputs]))
+            levels = [e[s.brain].mean() / s.truth[s.brain].mean() for s, e in outputs]
+            row[f"sim_level_k{k}"] = float(np.median(levels))
+    return row
+
+
+def main() -> None:
+    if len(sys.argv) < 6:
+        raise SystemExit(__doc__)
+    torch.set_num_threads(int(sys.argv[1]))
+    real_dir, sim_dir, out = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    real = bench.load_series(real_dir, simulated=False, limit=None)
+    sim = bench.load_series(sim_dir, simulated=True, limit=None)
+    real_cases = {
+        k: [(s, bench.prepare(s, g)) for s in real for g in bench.groups_for(s.num_pairs, k, REAL_GROUPS)] for k in KS
+    }
+    sim_cases = {k: [(s, bench.prepare(s, list(range(k)))) for s in sim if s.num_pairs > k] for k in KS}
+    config = bench.ROOT / "asl_bundle" / "configs" / "inference.json"
+    models: list[bench.Model | None] = [m for spec in sys.argv[5:] for m in checkpoints(spec, config)] + [None]
+    results = {}
+    for model in models:
+        name = "mean" if model is None else model.name
+        results[name] = score(model, real_cases, sim_cases)
+        print(name, " ".join(f"{key} {v:.4f}" for key, v in results[name].items()), flush=True)
+    out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
