@@ -67,6 +67,8 @@ TUNE_SERIES = 5
 #: NLM and BM3D run on this many test series / real-scan groups only, unless best classical
 SLOW_SERIES, SLOW_GROUPS = 5, 4
 MAX_REAL_GROUPS = 10
+INFERENCE_CONFIG = ROOT / "asl_bundle" / "configs" / "inference.json"
+SHIPPED_WEIGHTS = ROOT / "asl_bundle" / "models" / "model.pt"
 METHOD_ORDER = ("mean_k", *CLASSICAL, "gaussian_self", "gaussian_oracle")
 METRICS = (
     "nmse_truth",
@@ -214,6 +216,13 @@ def build_model(spec: str, default_config: Path) -> Model:
     use_noise_twin = bool(parser.get_parsed_content("use_noise_twin", default=False))  # configs before 0.2.0
     input_level = str(parser.get_parsed_content("input_level", default="guide"))  # configs before 0.5.0
     return Model(name, net.eval(), use_guide, use_noise_twin, spec, input_level)
+
+
+def build_models(specs: Sequence[str] | None) -> list[Model]:
+    """``--model`` specs on inference.json; none given: the shipped weights (clear exit if missing)."""
+    if not specs and not SHIPPED_WEIGHTS.exists():
+        raise SystemExit(f"{SHIPPED_WEIGHTS} does not exist: train the model first or pass --model NAME=weights.pt")
+    return [build_model(spec, INFERENCE_CONFIG) for spec in specs or [f"network={SHIPPED_WEIGHTS}"]]
 
 
 @torch.inference_mode()
@@ -705,12 +714,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     limit = 2 if args.quick else args.max_series
     grids = grids_for(args.quick)
     gauss_grid = cd.gaussian_grid(*grids["gaussian"])
-    config = ROOT / "asl_bundle" / "configs" / "inference.json"
-    default_weights = ROOT / "asl_bundle" / "models" / "model.pt"
-    if not args.model and not default_weights.exists():
-        raise SystemExit(f"{default_weights} does not exist: train the model first or pass --model NAME=weights.pt")
-    specs = args.model or [f"network={default_weights}"]
-    models = [build_model(spec, config) for spec in specs]
+    models = build_models(args.model)
     timings = {
         m.name: {"x".join(map(str, shp)): time_model(m, shp) for shp in ((64, 64, 20), (96, 96, 48))} for m in models
     }

@@ -24,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402
 from asl_enhance.metrics import nmse  # noqa: E402
 
-DEFAULT_CONFIG = bench.ROOT / "asl_bundle" / "configs" / "inference.json"
-
 
 def scaled(series: bench.Series, factor: float) -> bench.Series:
     """The series with every pair difference and its truth times ``factor``; M0 unchanged."""
@@ -60,8 +58,7 @@ def main() -> None:
     parser.add_argument("--factors", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--max_series", type=int, default=None)
     args = parser.parse_args()
-    specs = args.model or [f"network={bench.ROOT / 'asl_bundle' / 'models' / 'model.pt'}"]
-    models = [bench.build_model(spec, DEFAULT_CONFIG) for spec in specs]
+    models = bench.build_models(args.model)
     series = bench.load_series(args.dataset_dir, True, args.max_series)
     rows = check(series, models, args.k, args.factors)
     print("| method | k | deltaM factor (M0 fixed) | median level ratio | median NMSE vs truth |")

@@ -33,8 +33,6 @@ from asl_enhance.smoothing import gaussian_smooth  # noqa: E402
 from asl_enhance.transforms import RandNoiseLeveld  # noqa: E402
 from check_cbf import TISSUE_THRESHOLDS  # noqa: E402
 
-DEFAULT_CONFIG = bench.ROOT / "asl_bundle" / "configs" / "inference.json"
-
 
 def shrunk(prep: dict, factor: float) -> dict:
     """``prep`` (with its ``truth``) after the training augmentation RandNoiseLeveld at exactly
@@ -107,13 +105,11 @@ def main() -> None:
     parser.add_argument("--max_series", type=int, default=None)
     parser.add_argument("--benchmark_json", type=Path, default=None, help="add the benchmark's val-tuned Gaussian")
     args = parser.parse_args()
-    specs = args.model or [f"network={bench.ROOT / 'asl_bundle' / 'models' / 'model.pt'}"]
     methods: dict[str, Callable[[int], Method | None]] = {}
     gaussians = tuned_gaussians(args.benchmark_json)
     if gaussians:
         methods["gaussian (val-tuned)"] = gaussians.get
-    for spec in specs:
-        model = bench.build_model(spec, DEFAULT_CONFIG)
+    for model in bench.build_models(args.model):
         methods[model.name] = lambda k, model=model: lambda prep: bench.run_model(model, prep)
     series = bench.load_series(args.dataset_dir, True, args.max_series)
     rows = sweep(series, methods, args.k, args.factors)

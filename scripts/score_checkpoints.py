@@ -22,17 +22,17 @@ import benchmark as bench  # noqa: E402
 from asl_enhance.metrics import nmse, nmse_corrected  # noqa: E402
 
 KS = (1, 2, 3, 4)
-REAL_GROUPS = 10
 
 
-def checkpoints(run_spec: str, config: Path) -> list[bench.Model]:
+def checkpoints(run_spec: str) -> list[bench.Model]:
     """The best-validation and last-epoch networks of one run (``DIR`` or ``DIR:overlay.json``)."""
     run, *overlays = run_spec.split(":")
-    configs = "".join(f":{c}" for c in ([str(config), *overlays] if overlays else []))
+    configs = "".join(f":{c}" for c in ([str(bench.INFERENCE_CONFIG), *overlays] if overlays else []))
     best = Path(run) / "model_best_val.pt"
     best = best if best.exists() else Path(run) / "model.pt"
     found = [(which, path) for which, path in (("best", best), ("last", Path(run) / "checkpoint.pt")) if path.exists()]
-    return [bench.build_model(f"{Path(run).name}_{which}={path}{configs}", config) for which, path in found]
+    specs = [f"{Path(run).name}_{which}={path}{configs}" for which, path in found]
+    return bench.build_models(specs) if specs else []
 
 
 def estimate(model: bench.Model | None, prep: dict) -> np.ndarray:
@@ -64,12 +64,10 @@ def main() -> None:
     real_dir, sim_dir, out = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     real = bench.load_series(real_dir, simulated=False, limit=None)
     sim = bench.load_series(sim_dir, simulated=True, limit=None)
-    real_cases = {
-        k: [(s, bench.prepare(s, g)) for s in real for g in bench.groups_for(s.num_pairs, k, REAL_GROUPS)] for k in KS
-    }
+    groups = {k: [(s, g) for s in real for g in bench.groups_for(s.num_pairs, k, bench.MAX_REAL_GROUPS)] for k in KS}
+    real_cases = {k: [(s, bench.prepare(s, g)) for s, g in groups[k]] for k in KS}
     sim_cases = {k: [(s, bench.prepare(s, list(range(k)))) for s in sim if s.num_pairs > k] for k in KS}
-    config = bench.ROOT / "asl_bundle" / "configs" / "inference.json"
-    models: list[bench.Model | None] = [m for spec in sys.argv[5:] for m in checkpoints(spec, config)] + [None]
+    models: list[bench.Model | None] = [m for spec in sys.argv[5:] for m in checkpoints(spec)] + [None]
     results = {}
     for model in models:
         name = "mean" if model is None else model.name
