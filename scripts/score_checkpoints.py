@@ -24,13 +24,29 @@ from asl_enhance.metrics import nmse, nmse_corrected  # noqa: E402
 KS = (1, 2, 3, 4)
 
 
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Network weights of a model file or of a checkpoint's ``model`` entry."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["model"] if isinstance(state.get("model"), dict) else state
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two files hold the same network (``model.pt`` of a run that never validated is its last epoch)."""
+    sa, sb = state_dict(a), state_dict(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[key], sb[key]) for key in sa)
+
+
 def checkpoints(run_spec: str) -> list[bench.Model]:
     """The best-validation and last-epoch networks of one run (``DIR`` or ``DIR:overlay.json``)."""
     run, *overlays = run_spec.split(":")
     configs = "".join(f":{c}" for c in ([str(bench.INFERENCE_CONFIG), *overlays] if overlays else []))
+    last = Path(run) / "checkpoint.pt"
     best = Path(run) / "model_best_val.pt"
-    best = best if best.exists() else Path(run) / "model.pt"
-    found = [(which, path) for which, path in (("best", best), ("last", Path(run) / "checkpoint.pt")) if path.exists()]
+    if not best.exists():  # keep_weights "best": model.pt is the pick; "last": model.pt is the last epoch
+        best = Path(run) / "model.pt"
+        if best.exists() and last.exists() and same_weights(best, last):
+            best = Path(run) / "no_validation_pick"  # the run never validated: no pick to score
+    found = [(which, path) for which, path in (("best", best), ("last", last)) if path.exists()]
     specs = [f"{Path(run).name}_{which}={path}{configs}" for which, path in found]
     return bench.build_models(specs) if specs else []
 

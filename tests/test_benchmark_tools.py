@@ -135,3 +135,24 @@ def test_level_check_separates_level_keeping_from_level_prior(tmp_path):
     levels = {(r["method"], r["factor"]): r["level"] for r in rows}
     assert levels[("deltam", 0.25)] == pytest.approx(levels[("deltam", 4.0)], rel=1e-4)
     assert abs(levels[("guide", 0.25)] - levels[("guide", 4.0)]) > 1e-3
+
+
+def test_score_checkpoints_names_only_checkpoints_a_run_has(tmp_path):
+    """A run with a validation pick yields "best" and "last"; a run whose model.pt is its last epoch
+    (keep_weights "last", never validated) yields only "last", not a second copy labelled "best"."""
+    import score_checkpoints
+    from monai.bundle import ConfigParser
+
+    inference = Path(__file__).resolve().parents[1] / "asl_bundle" / "configs" / "inference.json"
+    parser = ConfigParser()
+    parser.read_config(str(inference))
+    torch.manual_seed(0)
+    last_net, pick_net = parser.get_parsed_content("network_def"), parser.get_parsed_content("network_def")
+    for run in ("validated", "unvalidated"):
+        (tmp_path / run).mkdir()
+        torch.save({"model": last_net.state_dict(), "epoch": 3}, tmp_path / run / "checkpoint.pt")
+        torch.save(last_net.state_dict(), tmp_path / run / "model.pt")
+    torch.save(pick_net.state_dict(), tmp_path / "validated" / "model_best_val.pt")
+    runs = ("validated", "unvalidated")
+    names = {run: [m.name for m in score_checkpoints.checkpoints(str(tmp_path / run))] for run in runs}
+    assert names == {"validated": ["validated_best", "validated_last"], "unvalidated": ["unvalidated_last"]}
