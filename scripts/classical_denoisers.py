@@ -83,6 +83,31 @@ def guided_grid() -> list[Params]:
     return [{"radius": r, "eps": e} for r in (1, 2, 3, 4, 6) for e in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)]
 
 
+# ------------------------------------------------------------------------ multi-guide local regression
+def local_regression(
+    volume: np.ndarray, regressors: Sequence[np.ndarray], sigma_vox: Sequence[float], ridge: float = 1e-3
+) -> np.ndarray:
+    """Gaussian-weighted local least squares: volume ~ sum_i c_i(x) r_i(x), with coefficient fields
+    c_i smooth at ``sigma_vox`` (scipy's Gaussian, replicated borders), returned as sum_i c_i r_i.
+
+    One constant regressor gives the Gaussian blur; tissue maps (GM, WM, CSF) keep every
+    partial-volume edge of those maps and smooth only the per-tissue levels. ``ridge`` (times the
+    local mean diagonal) keeps the per-voxel systems solvable where a regressor is absent."""
+    y = np.asarray(volume, np.float64)
+    regs = [np.asarray(r, np.float64) for r in regressors]
+    n = len(regs)
+    gram = np.empty((*y.shape, n, n))
+    rhs = np.empty((*y.shape, n))
+    for i in range(n):
+        rhs[..., i] = ndimage.gaussian_filter(regs[i] * y, sigma_vox, mode="nearest")
+        for j in range(i, n):
+            gram[..., i, j] = gram[..., j, i] = ndimage.gaussian_filter(regs[i] * regs[j], sigma_vox, mode="nearest")
+    scale = np.trace(gram, axis1=-2, axis2=-1)[..., None, None] / n
+    gram += (ridge * scale + 1e-12) * np.eye(n)
+    coefficients = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    return np.einsum("...i,i...->...", coefficients, np.stack(regs)).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------- non-local means
 def nlm(volume: np.ndarray, guide: np.ndarray, params: Params) -> np.ndarray:
     """scikit-image non-local means per slice, h = ``h`` x the estimated noise std (fast mode)."""

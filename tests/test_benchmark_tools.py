@@ -156,3 +156,42 @@ def test_score_checkpoints_names_only_checkpoints_a_run_has(tmp_path):
     runs = ("validated", "unvalidated")
     names = {run: [m.name for m in score_checkpoints.checkpoints(str(tmp_path / run))] for run in runs}
     assert names == {"validated": ["validated_best", "validated_last"], "unvalidated": ["unvalidated_last"]}
+
+
+def test_local_regression_keeps_edges_of_its_regressors():
+    """One constant regressor gives the Gaussian blur; two tissue maps with constant levels are
+    recovered exactly (the edge between them survives a blur far wider than the structure)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    shape = (20, 18, 6)
+    noisy = rng.normal(size=shape).astype(np.float32)
+    blur = cd.local_regression(noisy, [np.ones(shape)], (1.5, 1.5, 1.0), ridge=0.0)
+    np.testing.assert_allclose(blur, ndimage.gaussian_filter(noisy, (1.5, 1.5, 1.0), mode="nearest"), atol=1e-4)
+    gm = np.zeros(shape)
+    gm[:, :9] = 1.0
+    gm[:, 9] = 0.4
+    wm = 1.0 - gm
+    tissue = (60.0 * gm + 20.0 * wm).astype(np.float32)
+    fit = cd.local_regression(tissue, [gm, wm], (4.0, 4.0, 2.0), ridge=1e-6)
+    np.testing.assert_allclose(fit, tissue, rtol=1e-3)
+    assert np.abs(gaussian_smooth(tissue, (4.0, 4.0, 2.0)) - tissue).max() > 5.0
+
+
+def test_anatomy_guidance_uses_the_controls_of_the_input_pairs_only(tmp_path):
+    """scripts/anatomy_guidance.py: the control regressor of a k-pair input is the mean of exactly
+    those pairs' control volumes (label-first storage and an included M0 handled by the reader); a
+    real series (no truth) gets no oracle regressor sets."""
+    import anatomy_guidance
+    from helpers import phantom_series, write_series
+
+    volumes, types, _ = phantom_series(num_pairs=4, label_first=True)
+    controls = [i for i, t in enumerate(types) if t == "control"]
+    for n, v in enumerate(controls):
+        volumes[..., v] = 100.0 * (n + 1)
+    write_series(tmp_path / "sub-01" / "perf", "sub-01", volumes, types)
+    series = benchmark.load_series(tmp_path, simulated=False, limit=None)[0]
+    np.testing.assert_allclose(anatomy_guidance.mean_control(series, [1, 3]), 300.0)
+    sets = anatomy_guidance.regressors(series, [1, 3], np.ones(volumes.shape[:3], bool))
+    assert sorted(sets) == ["gaussian", "m0", "m0_control"]
+    np.testing.assert_allclose(sets["m0_control"][1], 1.0)
