@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402
 import classical_denoisers as cd  # noqa: E402
 from asl_enhance.bids import load_nifti, read_aslcontext  # noqa: E402
-from asl_enhance.metrics import nmse, nmse_corrected  # noqa: E402
+from asl_enhance.bids import mean_control as mean_control_of  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 SETS = ("gaussian", "m0", "m0_control", "tissue_oracle", "tissue_lesion_oracle")
@@ -53,12 +53,10 @@ def mean_control(series: bench.Series, group: list[int]) -> np.ndarray:
     """Mean of the control volumes of the pairs in ``group`` (a short scan's own structural image)."""
     pair_volumes = series.item["pair_volumes"]
     pair_volumes = json.loads(pair_volumes) if isinstance(pair_volumes, str) else pair_volumes
-    types = read_aslcontext(series.item["aslcontext"])
     data = series.extra.get("asl_data")
     if data is None:
         data = series.extra["asl_data"] = load_nifti(series.item["asl"])[0]
-    controls = [v for i in group for v in pair_volumes[i] if types[v] == "control"]
-    return data[..., controls].mean(axis=-1)
+    return mean_control_of(data, read_aslcontext(series.item["aslcontext"]), [pair_volumes[i] for i in group])
 
 
 def unit(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -93,36 +91,30 @@ def cases(series: list[bench.Series], k: int, max_groups: int) -> list[tuple[ben
     return out
 
 
-def errors(name: str, width: tuple[float, float], data: list, real: bool) -> list[float]:
+def errors(name: str, width: tuple[float, float], data: list) -> list[float]:
     """Error of the ``name`` regression at ``width`` on every case that has that regressor set."""
     sigma = (width[0], width[0], width[1])
-    out = []
-    for s, prep, regs in data:
-        if name in regs:
-            est = cd.local_regression(prep["input_mean"], regs[name], sigma)
-            if real:
-                out.append(nmse_corrected(est, prep["other_mean"], prep["target_noise_var"], s.brain))
-            else:
-                out.append(nmse(est, s.truth, s.brain))
-    return out
+    return [
+        bench.primary_error(s, prep, cd.local_regression(prep["input_mean"], regs[name], sigma))
+        for s, prep, regs in data
+        if name in regs
+    ]
 
 
-def study(val: list, test: list, real: list, k: int, log) -> dict[str, dict[str, Any]]:
+def study(data: dict[str, list], k: int, log) -> dict[str, dict[str, Any]]:
     """Per regressor set: val-tuned width and its test / real scores, and the real scan's own best width."""
-    val_cases, test_cases = cases(val, k, 1), cases(test, k, 1)
-    real_cases = cases(real, k, bench.MAX_REAL_GROUPS)
     results: dict[str, dict[str, Any]] = {}
     for name in SETS:
         start = time.perf_counter()
-        scores = [cd.geometric_mean(errors(name, w, val_cases, False) or [np.nan]) for w in GRID]
+        scores = [cd.geometric_mean(errors(name, w, data["val"]) or [np.nan]) for w in GRID]
         if np.all(np.isnan(scores)):
             continue
         width = GRID[int(np.nanargmin(scores))]
         row: dict[str, Any] = {"val_width": width, "val": float(np.nanmin(scores))}
-        row["sim_test"] = float(np.median(errors(name, width, test_cases, False)))
-        if name not in ORACLE_SETS and real_cases:
-            row["real"] = float(np.median(errors(name, width, real_cases, True)))
-            on_real = {w: float(np.median(errors(name, w, real_cases, True))) for w in GRID}
+        row["sim_test"] = float(np.median(errors(name, width, data["sim_test"])))
+        if name not in ORACLE_SETS and data["real"]:
+            on_real = {w: float(np.median(errors(name, w, data["real"]))) for w in GRID}
+            row["real"] = on_real[width]
             row["real_oracle_width"] = min(on_real, key=on_real.get)
             row["real_oracle"] = on_real[row["real_oracle_width"]]
         results[name] = row
@@ -130,23 +122,18 @@ def study(val: list, test: list, real: list, k: int, log) -> dict[str, dict[str,
     return results
 
 
-def guide_ablation(models: list[bench.Model], test: list, real: list, k: int, log) -> dict[str, dict[str, float]]:
+def guide_ablation(models: list[bench.Model], data: dict[str, list], k: int, log) -> dict[str, dict[str, float]]:
     """Median sim test / real error of each network with its guide and with the guide blurred."""
-    data = {"sim_test": cases(test, k, 1), "real": cases(real, k, bench.MAX_REAL_GROUPS)}
     results = {}
     for model in models:
         for guide in ("guide", "guide_blurred"):
             row = {}
-            for key, items in data.items():
+            for key in ("sim_test", "real"):
                 errs = []
-                for s, prep, _ in items:
+                for s, prep, _ in data[key]:
                     if guide == "guide_blurred":
                         prep = dict(prep, guide=ndimage.gaussian_filter(prep["guide"], GUIDE_BLUR, mode="nearest"))
-                    est = bench.run_model(model, prep)
-                    if key == "real":
-                        errs.append(nmse_corrected(est, prep["other_mean"], prep["target_noise_var"], s.brain))
-                    else:
-                        errs.append(nmse(est, s.truth, s.brain))
+                    errs.append(bench.primary_error(s, prep, bench.run_model(model, prep)))
                 if errs:
                     row[key] = float(np.median(errs))
             results[f"{model.name}, {guide}"] = row
@@ -194,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     test = bench.load_series(args.test_dir, simulated=True, limit=None)
     real = bench.load_series(args.real_dir, simulated=False, limit=None) if args.real_dir else []
     models = bench.build_models(args.model)
-    results = {k: study(val, test, real, k, log) for k in args.k}
-    ablation = {k: guide_ablation(models, test, real, k, log) for k in args.k}
+    results, ablation = {}, {}
+    for k in args.k:
+        data = {"val": cases(val, k, 1), "sim_test": cases(test, k, 1), "real": cases(real, k, bench.MAX_REAL_GROUPS)}
+        results[k] = study(data, k, log)
+        ablation[k] = guide_ablation(models, data, k, log)
     print(markdown(results), ablation_markdown(ablation), sep="\n\n")
     if args.out:
         out = {"command": " ".join(sys.argv), "regression": results, "guide_ablation": ablation}

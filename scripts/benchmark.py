@@ -184,6 +184,12 @@ def split_top_level(text: str) -> list[str]:
     return parts + [text[start:]]
 
 
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Network weights from a model file or from a training checkpoint's ``model`` entry."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+
+
 def build_model(spec: str, default_config: Path) -> Model:
     """NAME=weights.pt[:config.json...][:key=value,key=value]: the config's network_def with overrides.
 
@@ -208,10 +214,7 @@ def build_model(spec: str, default_config: Path) -> Model:
     for key, value in overrides.items():
         parser[key] = value
     net = parser.get_parsed_content("network_def", instantiate=True)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    net.load_state_dict(state)
+    net.load_state_dict(load_weights(weights))
     use_guide = bool(parser.get_parsed_content("use_guide"))
     use_noise_twin = bool(parser.get_parsed_content("use_noise_twin", default=False))  # configs before 0.2.0
     input_level = str(parser.get_parsed_content("input_level", default="guide"))  # configs before 0.5.0
@@ -455,6 +458,14 @@ def add_row(run: Run, label, s: Series, k: int, group, method: str, params, scor
 # ---------------------------------------------------------------------------------------- summary
 def primary(dataset: str) -> str:
     return "nmse_corrected" if dataset == "real" else "nmse_truth"
+
+
+def primary_error(series: Series, prep: dict[str, Any], estimate: np.ndarray) -> float:
+    """The headline error alone (no SSIM or CBF): NMSE against the truth where the series has one,
+    else the noise-corrected NMSE against the pairs not used."""
+    if series.truth is not None:
+        return nmse(estimate, series.truth, series.brain)
+    return nmse_corrected(estimate, prep["other_mean"], prep["target_noise_var"], series.brain)
 
 
 def summarise(rows: list[dict[str, Any]], tuned: dict[int, dict]) -> list[dict[str, Any]]:

@@ -19,20 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402
-from asl_enhance.metrics import nmse, nmse_corrected  # noqa: E402
 
 KS = (1, 2, 3, 4)
 
 
-def state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Network weights of a model file or of a checkpoint's ``model`` entry."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state["model"] if isinstance(state.get("model"), dict) else state
-
-
 def same_weights(a: Path, b: Path) -> bool:
     """Whether two files hold the same network (``model.pt`` of a run that never validated is its last epoch)."""
-    sa, sb = state_dict(a), state_dict(b)
+    sa, sb = bench.load_weights(a), bench.load_weights(b)
     return sa.keys() == sb.keys() and all(torch.equal(sa[key], sb[key]) for key in sa)
 
 
@@ -59,16 +52,13 @@ def estimate(model: bench.Model | None, prep: dict) -> np.ndarray:
 def score(model: bench.Model | None, real_cases: dict, sim_cases: dict) -> dict[str, float]:
     row = {}
     for k in KS:
-        real = [
-            nmse_corrected(estimate(model, p), p["other_mean"], p["target_noise_var"], s.brain)
-            for s, p in real_cases[k]
-        ]
+        real = [bench.primary_error(s, p, estimate(model, p)) for s, p in real_cases[k]]
         if real:
             row[f"real_k{k}"] = float(np.median(real))
-        outputs = [(s, estimate(model, p)) for s, p in sim_cases[k]]
+        outputs = [(s, p, estimate(model, p)) for s, p in sim_cases[k]]
         if outputs:
-            row[f"sim_k{k}"] = float(np.median([nmse(e, s.truth, s.brain) for s, e in outputs]))
-            levels = [e[s.brain].mean() / s.truth[s.brain].mean() for s, e in outputs]
+            row[f"sim_k{k}"] = float(np.median([bench.primary_error(s, p, e) for s, p, e in outputs]))
+            levels = [e[s.brain].mean() / s.truth[s.brain].mean() for s, _, e in outputs]
             row[f"sim_level_k{k}"] = float(np.median(levels))
     return row
 

@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,12 +230,18 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
             raise ASLInputError(asl_path, f"num_pairs={num_pairs} but the series has only {len(pairs_idx)} pairs")
         pairs_idx = pairs_idx[: int(num_pairs)]
     pairs = np.stack([_pair_difference(data, idx, volume_types) for idx in pairs_idx]).astype(np.float32)
-    controls = [i for pair in pairs_idx for i in pair if volume_types[i] == "control"]
-    control_mean = data[..., controls].mean(axis=-1) if controls else None
+    control_mean = mean_control(data, volume_types, pairs_idx)
     m0, m0_source = _load_m0(item, data, affine, volume_types)
     return ASLSeries(
         pairs, control_mean, m0, affine, sidecar, volume_types, pairs_idx, m0_source, {"total_pairs": total_pairs}
     )
+
+
+def mean_control(data: np.ndarray, volume_types: list[str], pair_volumes: Sequence[Sequence[int]]) -> np.ndarray | None:
+    """Mean of the control volumes of the given pairs (volume indices from :func:`form_pairs`);
+    None for deltam-only series."""
+    controls = [i for pair in pair_volumes for i in pair if volume_types[i] == "control"]
+    return data[..., controls].mean(axis=-1) if controls else None
 
 
 def _pair_difference(data: np.ndarray, idx: tuple[int, ...], volume_types: list[str]) -> np.ndarray:
