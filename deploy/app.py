@@ -20,6 +20,7 @@ for _candidate in (_HERE, _HERE.parent / "asl_bundle"):
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
+from asl_enhance.version import __version__ as APP_VERSION  # noqa: E402
 from monai.deploy.conditions import CountCondition  # noqa: E402
 from monai.deploy.core import AppContext, Application  # noqa: E402
 from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames  # noqa: E402
@@ -29,8 +30,6 @@ from operators import (  # noqa: E402
     ASLSeriesLoaderOperator,
     num_pairs_from_env,
 )
-
-APP_VERSION = "0.5.0"
 
 
 class ASLEnhanceApp(Application):

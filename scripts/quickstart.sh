@@ -8,7 +8,7 @@ set -euo pipefail
 DATA=data/default
 OUT=outputs/default
 if [ ! -f "$DATA/dataset_description.json" ]; then
-    python scripts/generate_data.py --output_dir "$DATA" --num_subjects 3 --num_pairs 8 --first_subject 91 --seed 2024
+    asl-simulate --output_dir "$DATA" --num_subjects 3 --num_pairs 8 --first_subject 91 --seed 2024
 fi
 python -m monai.bundle run --config_file asl_bundle/configs/inference.json --bundle_root asl_bundle \
     --dataset_dir "$DATA" --output_dir "$OUT" --num_pairs 2 --overwrite true

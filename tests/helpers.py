@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -80,9 +83,20 @@ def phantom_series(
     return np.stack(volumes, axis=-1), types, deltam
 
 
-def bundle_run(config: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` of one of the bundle's configs (in a subprocess)."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config)]
+#: evaluation is an overlay on inference, as the README runs it
+EVALUATE = ("inference.json", "evaluate.json")
+
+
+def config_files(config: str | Sequence[str]) -> list[str]:
+    """Paths of one bundle config or of an overlay stack (``EVALUATE``)."""
+    names = [config] if isinstance(config, str) else list(config)
+    return [str(CONFIGS / name) for name in names]
+
+
+def bundle_run(config: str | Sequence[str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of one of the bundle's configs or an overlay stack (in a subprocess)."""
+    files = config_files(config)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files[0] if len(files) == 1 else str(files)]
     cmd += ["--bundle_root", str(BUNDLE), *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
@@ -105,3 +119,13 @@ def write_phantom_dataset(
         )
         write_series(root / f"sub-{i:02d}" / "perf", f"sub-{i:02d}", volumes, types)
     return root
+
+
+def load_study(relative: str) -> ModuleType:
+    """Import a study script (``studies/<relative>``) by its path: studies are scripts, not packages."""
+    path = ROOT / "studies" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,6 +8,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from asl_enhance.adaptation import PerItemNetwork, ScanAdaptation, adapt_network, noise2noise_splits
 from asl_enhance.transforms import network_input
@@ -79,6 +80,7 @@ def test_handler_swaps_per_item_and_restores():
     assert engine.network is net and len(handler.seconds) == 1
 
 
+@pytest.mark.slow
 def test_inference_with_adapt_steps_keeps_model_file(tmp_path):
     data = tmp_path / "data"
     volumes, types, _ = phantom_series(SHAPE, num_pairs=3, seed=5)

@@ -1,19 +1,14 @@
-"""Benchmark tools: the M0-guided filter, Gaussian tuning and the real-scan pair groups."""
+"""Benchmark library (asl_bench): the M0-guided filter, Gaussian tuning, real-scan pair groups, model specs."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from asl_enhance.smoothing import gaussian_smooth
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import benchmark  # noqa: E402
-import classical_denoisers as cd  # noqa: E402
-from asl_enhance.smoothing import gaussian_smooth  # noqa: E402
+import asl_bench.classical as cd
+import asl_bench.core as benchmark
 
 
 def test_guided_filter_preserves_constant_image():
@@ -65,99 +60,6 @@ def test_denoisers_keep_shape_and_constant():
         np.testing.assert_allclose(out, 2.0, atol=1e-3)
 
 
-def test_noise_level_sweep_shrinks_noise_and_twin_towards_the_truth():
-    import noise_level_sweep as sweep
-    from asl_enhance.transforms import noise_twin
-
-    rng = np.random.default_rng(3)
-    truth = rng.uniform(0.5, 1.5, (10, 9, 4)).astype(np.float32)
-    pairs = truth + rng.normal(0, 0.5, (2, *truth.shape)).astype(np.float32)
-    prep = {
-        "input_mean": pairs.mean(0),
-        "input_twin": noise_twin(pairs),
-        "guide": np.full(truth.shape, 100.0),
-        "truth": truth,
-    }
-    half = sweep.shrunk(prep, 0.5)
-    np.testing.assert_allclose(half["input_mean"] - truth, 0.5 * (prep["input_mean"] - truth), atol=1e-6)
-    np.testing.assert_allclose(half["input_twin"], 0.5 * prep["input_twin"], atol=1e-6)
-    np.testing.assert_allclose(half["image"][2], half["input_twin"] / half["scale"], rtol=1e-5)
-    clean = sweep.shrunk(prep, 0.0)
-    np.testing.assert_allclose(clean["input_mean"], truth, atol=1e-6)
-    masks = {"GM": truth > 1.0, "WM": truth <= 1.0}
-    assert sweep.tissue_bias(truth, truth, masks) == {"GM": 0.0, "WM": 0.0}
-    assert sweep.tissue_bias(1.1 * truth, truth, masks)["GM"] == pytest.approx(10.0, rel=1e-4)
-
-
-def test_model_spec_merges_several_configs(tmp_path):
-    """NAME=weights:base.json:overlay.json builds the overlay's backbone on the base config."""
-    from asl_enhance.networks import PaddedBackbone
-    from monai.bundle import ConfigParser
-
-    root = Path(__file__).resolve().parents[1]
-    inference = root / "asl_bundle" / "configs" / "inference.json"
-    overlay = root / "scripts" / "alternatives" / "dynunet.json"
-    parser = ConfigParser()
-    parser.read_config([str(inference), str(overlay)])
-    weights = tmp_path / "model.pt"
-    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
-    model = benchmark.build_model(f"dyn={weights}:{inference}:{overlay}:noise_bound=0", inference)
-    assert isinstance(model.net.backbone, PaddedBackbone)
-    assert model.net.noise_bound == 0.0 and model.use_noise_twin
-
-
-def test_level_check_separates_level_keeping_from_level_prior(tmp_path):
-    """scripts/level_check.py: scaling deltaM at fixed M0 leaves the level ratio of a network in the
-    deltaM unit unchanged, while the legacy unit (percent of M0) lets it drift; a trained-looking
-    (non-zero) output layer makes the network non-linear so the difference shows."""
-    import level_check
-    from monai.bundle import ConfigParser
-
-    inference = Path(__file__).resolve().parents[1] / "asl_bundle" / "configs" / "inference.json"
-    parser = ConfigParser()
-    parser.read_config(str(inference))
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
-    for param in net.parameters():
-        param.data.normal_(0.0, 0.3)
-    weights = tmp_path / "model.pt"
-    torch.save(net.state_dict(), weights)
-    rng = np.random.default_rng(3)
-    shape = (16, 14, 6)
-    truth = gaussian_smooth(rng.uniform(0.0, 2.0, shape), (1.5, 1.5, 1.0)).astype(np.float32)
-    pairs = (truth + rng.normal(0.0, 0.5, (5, *shape))).astype(np.float32)
-    item = {"pairs": pairs, "guide": np.full(shape, 300.0, np.float32), "asl": "phantom"}
-    series = benchmark.Series("phantom", item, (3.0, 3.0, 5.0), np.ones(shape, bool), truth=truth)
-    models = [
-        benchmark.build_model(f"{n}={weights}:noise_bound=0,input_level={n}", inference) for n in ("deltam", "guide")
-    ]
-    rows = level_check.check([series], models, [2], [0.25, 1.0, 4.0])
-    levels = {(r["method"], r["factor"]): r["level"] for r in rows}
-    assert levels[("deltam", 0.25)] == pytest.approx(levels[("deltam", 4.0)], rel=1e-4)
-    assert abs(levels[("guide", 0.25)] - levels[("guide", 4.0)]) > 1e-3
-
-
-def test_score_checkpoints_names_only_checkpoints_a_run_has(tmp_path):
-    """A run with a validation pick yields "best" and "last"; a run whose model.pt is its last epoch
-    (keep_weights "last", never validated) yields only "last", not a second copy labelled "best"."""
-    import score_checkpoints
-    from monai.bundle import ConfigParser
-
-    inference = Path(__file__).resolve().parents[1] / "asl_bundle" / "configs" / "inference.json"
-    parser = ConfigParser()
-    parser.read_config(str(inference))
-    torch.manual_seed(0)
-    last_net, pick_net = parser.get_parsed_content("network_def"), parser.get_parsed_content("network_def")
-    for run in ("validated", "unvalidated"):
-        (tmp_path / run).mkdir()
-        torch.save({"model": last_net.state_dict(), "epoch": 3}, tmp_path / run / "checkpoint.pt")
-        torch.save(last_net.state_dict(), tmp_path / run / "model.pt")
-    torch.save(pick_net.state_dict(), tmp_path / "validated" / "model_best_val.pt")
-    runs = ("validated", "unvalidated")
-    names = {run: [m.name for m in score_checkpoints.checkpoints(str(tmp_path / run))] for run in runs}
-    assert names == {"validated": ["validated_best", "validated_last"], "unvalidated": ["unvalidated_last"]}
-
-
 def test_local_regression_keeps_edges_of_its_regressors():
     """One constant regressor gives the Gaussian blur; two tissue maps with constant levels are
     recovered exactly (the edge between them survives a blur far wider than the structure)."""
@@ -178,20 +80,15 @@ def test_local_regression_keeps_edges_of_its_regressors():
     assert np.abs(gaussian_smooth(tissue, (4.0, 4.0, 2.0)) - tissue).max() > 5.0
 
 
-def test_anatomy_guidance_uses_the_controls_of_the_input_pairs_only(tmp_path):
-    """scripts/anatomy_guidance.py: the control regressor of a k-pair input is the mean of exactly
-    those pairs' control volumes (label-first storage and an included M0 handled by the reader); a
-    real series (no truth) gets no oracle regressor sets."""
-    import anatomy_guidance
-    from helpers import phantom_series, write_series
+def test_model_spec_applies_overrides_on_the_inference_config(tmp_path):
+    """NAME=weights:key=value builds the shipped network_def with the override (the layout too)."""
+    from monai.bundle import ConfigParser
 
-    volumes, types, _ = phantom_series(num_pairs=4, label_first=True)
-    controls = [i for i, t in enumerate(types) if t == "control"]
-    for n, v in enumerate(controls):
-        volumes[..., v] = 100.0 * (n + 1)
-    write_series(tmp_path / "sub-01" / "perf", "sub-01", volumes, types)
-    series = benchmark.load_series(tmp_path, simulated=False, limit=None)[0]
-    np.testing.assert_allclose(anatomy_guidance.mean_control(series, [1, 3]), 300.0)
-    sets = anatomy_guidance.regressors(series, [1, 3], np.ones(volumes.shape[:3], bool))
-    assert sorted(sets) == ["gaussian", "m0", "m0_control"]
-    np.testing.assert_allclose(sets["m0_control"][1], 1.0)
+    parser = ConfigParser()
+    parser.read_config(str(benchmark.INFERENCE_CONFIG))
+    weights = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
+    model = benchmark.build_model(f"net={weights}:noise_bound=0", benchmark.INFERENCE_CONFIG)
+    assert model.net.noise_bound == 0.0 and model.layout.use_noise_twin
+    with pytest.raises(RuntimeError):  # a layout without the twin is a different first layer
+        benchmark.build_model(f"net={weights}:noise_bound=0,use_noise_twin=false", benchmark.INFERENCE_CONFIG)

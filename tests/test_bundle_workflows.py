@@ -17,8 +17,10 @@ from helpers import (
     AFFINE,
     BUNDLE,
     CONFIGS,
+    EVALUATE,
     INPUT_CHANNELS,
     bundle_run,
+    config_files,
     phantom_series,
     write_phantom_dataset,
     write_series,
@@ -31,7 +33,7 @@ SCALE_C = 3.7
 
 def _parser(config: str, **override) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config))
+    parser.read_config(config_files(EVALUATE if config == "evaluate.json" else config))
     parser.read_meta(str(CONFIGS / "metadata.json"))
     parser.update({"bundle_root": str(BUNDLE), **override})
     return parser
@@ -55,31 +57,6 @@ def train_data(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ parsing
-
-#: config keys that define the network; the three configs repeat them (each must run alone, as the
-#: runner and the zoo's checks load one file), so they must agree. noise_bound differs on purpose:
-#: it is applied at inference only.
-NETWORK_KEYS = (
-    "use_guide",
-    "input_level",
-    "use_noise_twin",
-    "noise_feature",
-    "smoothing_sigmas",
-    "input_channels",
-    "twin_channel",
-    "backbone",
-)
-
-
-def test_the_three_configs_define_the_same_network():
-    raw = {name: json.loads((CONFIGS / name).read_text()) for name in ("train.json", "evaluate.json", "inference.json")}
-    for key in NETWORK_KEYS:
-        values = {name: json.dumps(config[key], sort_keys=True) for name, config in raw.items()}
-        assert len(set(values.values())) == 1, f"{key} differs between configs: {values}"
-    network_defs = {name: dict(config["network_def"], noise_bound=None) for name, config in raw.items()}
-    assert len({json.dumps(d, sort_keys=True) for d in network_defs.values()}) == 1
-    assert raw["train.json"]["noise_bound"] == 0.0
-    assert raw["inference.json"]["noise_bound"] == raw["evaluate.json"]["noise_bound"] > 0
 
 
 def test_shipped_weights_load_strictly_into_every_config():
@@ -117,6 +94,7 @@ def test_config_parses_and_instantiates(config, train_data, tmp_path):
 # ------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_tiny_train_run(train_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     result = bundle_run(
@@ -160,10 +138,11 @@ def test_validation_scores_every_series_at_every_k(train_data, tmp_path):
 # ------------------------------------------------------------------------------------------ evaluation
 
 
+@pytest.mark.slow
 def test_evaluate_writes_csv(train_data, weights, tmp_path):
     out = tmp_path / "eval"
     result = bundle_run(
-        "evaluate.json", "--dataset_dir", str(train_data), "--output_dir", str(out),
+        EVALUATE, "--dataset_dir", str(train_data), "--output_dir", str(out),
         "--handlers#0#load_path", str(weights),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -227,6 +206,7 @@ def inference_run(tmp_path_factory, weights):
     return result, root, out, cases
 
 
+@pytest.mark.slow
 def test_inference_exit_and_summary(inference_run):
     result, _, _, cases = inference_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -234,6 +214,7 @@ def test_inference_exit_and_summary(inference_run):
     assert f"All {len(cases)} series done" in result.stdout
 
 
+@pytest.mark.slow
 def test_inference_writes_exactly_the_contract(inference_run):
     result, _, out, cases = inference_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -258,6 +239,7 @@ def test_inference_writes_exactly_the_contract(inference_run):
     assert (out / "sub-01" / "ses-1" / "perf").is_dir() and (out / "sub-03" / "ses-2" / "perf").is_dir()
 
 
+@pytest.mark.slow
 def test_inference_values_affine_shape_dtype(inference_run, weights):
     result, _, out, cases = inference_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -288,6 +270,7 @@ def test_inference_values_affine_shape_dtype(inference_run, weights):
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_inference_is_scale_equivariant(inference_run):
     """sub-04 is sub-01 with every volume (M0 too) times c: both outputs scale by c."""
     result, _, out, _ = inference_run
@@ -298,6 +281,7 @@ def test_inference_is_scale_equivariant(inference_run):
         np.testing.assert_allclose(scaled, SCALE_C * base, rtol=1e-4, atol=1e-4 * SCALE_C * np.abs(base).max())
 
 
+@pytest.mark.slow
 def test_noise_free_series_is_left_unblurred(tmp_path, weights):
     """Pairs that agree exactly (no noise to remove): the noise bound makes the enhanced deltaM and CBF
     equal the plain mean's, so a clean or very high-SNR scan loses no grey/white contrast (issue 4)."""

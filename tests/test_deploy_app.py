@@ -20,6 +20,9 @@ import torch
 from helpers import AFFINE, BUNDLE, CONFIGS, ROOT, phantom_series, write_series
 from monai.bundle import ConfigParser
 
+#: every test here starts a process (monai.bundle run, the deploy app, mlflow training)
+pytestmark = pytest.mark.slow
+
 DEPLOY_PY = ROOT / ".venv-deploy" / "bin" / "python"
 pytestmark = pytest.mark.skipif(
     not DEPLOY_PY.exists(), reason="no .venv-deploy (MONAI Deploy App SDK venv, ~1.5 GB): see deploy/README"

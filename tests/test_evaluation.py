@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance import metrics
-from asl_enhance.handlers import ASLEvaluationWriter
+from asl_enhance.evaluation import ASLEvaluationWriter
 from asl_enhance.transforms import SelectPairsd
-from helpers import CONFIGS, bundle_run, write_phantom_dataset
+from helpers import EVALUATE, bundle_run, config_files, write_phantom_dataset
 from monai.bundle import ConfigParser
 
 
@@ -106,17 +106,18 @@ def test_effective_pairs_of_k_pair_mean_is_k(k):
     assert float(np.median(effective)) == pytest.approx(k, rel=0.15)
 
 
+@pytest.mark.slow
 def test_evaluation_csv_columns(tmp_path):
     data = tmp_path / "data"
     write_phantom_dataset(data, 2, (20, 18, 8), num_pairs=6, first_seed=10)
     torch.manual_seed(1)
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "evaluate.json"))
+    parser.read_config(config_files(EVALUATE))
     weights = tmp_path / "model.pt"
     torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
     out = tmp_path / "eval"
     result = bundle_run(
-        "evaluate.json", "--dataset_dir", str(data), "--output_dir", str(out), "--handlers#0#load_path", str(weights),
+        EVALUATE, "--dataset_dir", str(data), "--output_dir", str(out), "--handlers#0#load_path", str(weights),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out / "evaluation.csv", newline="") as f:

@@ -60,6 +60,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     return ckpt, folder / "model.ts"
 
 
+@pytest.mark.slow
 def test_model_ts_carries_metadata_and_inference_config(exported):
     _, ts = exported
     net, meta, extra = load_net_with_metadata(str(ts), map_location="cpu", more_extra_files=["inference.json"])
@@ -69,6 +70,7 @@ def test_model_ts_carries_metadata_and_inference_config(exported):
     assert json.loads(extra["inference.json"]) == json.loads((CONFIGS / "inference.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, INPUT_CHANNELS, 32, 32, 8), (2, INPUT_CHANNELS, 23, 17, 5)])
 def test_torchscript_matches_eager(exported, shape):
     ckpt, ts = exported
@@ -82,6 +84,7 @@ def test_torchscript_matches_eager(exported, shape):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="asl_bundle/models/model.pt not trained yet")
 def test_shipped_weights_export(tmp_path):
     result = export(SHIPPED, tmp_path / "model.ts")
@@ -92,6 +95,7 @@ def test_shipped_weights_export(tmp_path):
         torch.testing.assert_close(scripted(x), eager_with(SHIPPED)(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     result = export(tmp_path / "absent.pt", tmp_path / "model.ts")
     assert result.returncode == 1 and "no checkpoint" in result.stderr
@@ -100,6 +104,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 ONNX_READY = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ONNX_READY, reason="onnx, onnxscript and onnxruntime are not installed (optional)")
 def test_onnx_export_matches(exported, tmp_path):
     ckpt, _ = exported

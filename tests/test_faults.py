@@ -20,8 +20,8 @@ import torch
 from asl_enhance import outputs
 from asl_enhance.bids import VOLUME_TYPES, ASLInputError, find_asl_series, form_pairs, load_asl_series, read_aslcontext
 from asl_enhance.failures import find_series_or_exit
-from asl_enhance.handlers import ASLOutputWriter
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd
+from asl_enhance.writers import ASLOutputWriter
 from helpers import AFFINE, BUNDLE, CONFIGS, ROOT, phantom_series, write_series
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -111,7 +111,8 @@ def test_3d_file_where_4d_is_needed(tmp_path):
     err = _error(asl)
     assert err.path == str(asl) and "must be 4D" in err.problem
     # a single deltam volume stored 3D is a valid one-volume series
-    single = write_series(tmp_path / "b", "sub-02", np.ones(SHAPE, np.float32), ["deltam"])
+    deltam = np.random.default_rng(0).uniform(1.0, 2.0, SHAPE).astype(np.float32)
+    single = write_series(tmp_path / "b", "sub-02", deltam, ["deltam"])
     assert load_asl_series(_item(single)).pairs.shape == (1, *SHAPE)
 
 
@@ -186,7 +187,8 @@ def test_mismatched_m0_geometry(tmp_path, mismatch):
     volumes, types, _ = phantom_series(SHAPE, num_pairs=2, m0_volumes=0)
     asl = write_series(tmp_path, "sub-01", volumes, types)
     m0 = np.ones(SHAPE[:2] + (SHAPE[2] + 1,) if mismatch == "shape" else SHAPE, np.float32)
-    affine = AFFINE if mismatch == "shape" else np.diag([2.0, 2.0, 2.0, 1.0])
+    affine = AFFINE.copy() if mismatch == "shape" else np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] += 1000.0 if mismatch == "shape" else 0.0  # another grid that does not overlap: refused
     nib.save(nib.Nifti1Image(m0, affine), tmp_path / "sub-01_m0scan.nii.gz")
     err = _error(asl)
     assert err.path == str(tmp_path / "sub-01_m0scan.nii.gz") and "does not match the ASL series" in err.problem
@@ -317,7 +319,7 @@ def test_series_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
         calls.append(path)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("asl_enhance.handlers.write_json", failing_json)
+    monkeypatch.setattr("asl_enhance.writers.write_json", failing_json)
     engine = _engine(_writer_item())
     writer(engine)
     assert calls and not [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -353,6 +355,7 @@ def _bundle_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_batch_with_five_broken_series(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     volumes, types, _ = phantom_series(SHAPE, num_pairs=3)
@@ -385,6 +388,7 @@ def test_batch_with_five_broken_series(tmp_path):
     assert not [p for p in out.rglob("*") if p.name.startswith(".") or "partial" in p.name]
 
 
+@pytest.mark.slow
 def test_empty_dataset_folder_cli(tmp_path):
     (tmp_path / "data").mkdir()
     result = _bundle_cli("--dataset_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"))
@@ -463,7 +467,7 @@ def test_pair_differences_property(types, seed):
         pairs_idx = form_pairs(types)
     except ASLInputError:
         return
-    volumes = np.random.default_rng(seed).integers(-100, 100, (2, 2, 1, len(types))).astype(np.float32)
+    volumes = np.random.default_rng(seed).integers(1, 100, (2, 2, 1, len(types))).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         asl = write_series(tmp, "sub-01", volumes, types)
         series = load_asl_series(_item(asl))

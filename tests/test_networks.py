@@ -1,14 +1,14 @@
-"""Networks keep any input shape (odd sizes, 2D and 3D), with the MONAI BasicUNet backbone too, and
+"""Networks keep any input shape (odd sizes, 2D and 3D), keep the level, respect the noise bound, and
 the default network scripts with TorchScript to the same output."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from asl_enhance.networks import DilatedTwoPathwayNet, GaussianSmooth, ResidualEnhancer
+from asl_enhance.layout import InputLayout
+from asl_enhance.networks import DilatedTwoPathwayNet, GaussianSmooth, ScaleMixingEnhancer
 from helpers import BUNDLE, INPUT_CHANNELS
 from monai.bundle import ConfigParser
-from monai.networks.nets import BasicUNet
 
 
 @pytest.mark.parametrize("size", [(37, 29, 7), (16, 16, 4), (5, 3, 1)])
@@ -23,29 +23,6 @@ def test_two_pathway_2d(size):
     net = DilatedTwoPathwayNet(spatial_dims=2, in_channels=1, out_channels=2, features=8, dilations=(2, 4))
     with torch.no_grad():
         assert net(torch.randn(1, 1, *size)).shape == (1, 2, *size)
-
-
-@pytest.mark.parametrize("spatial_dims,size", [(3, (37, 29, 7)), (2, (37, 29))])
-def test_residual_enhancer_basic_unet(spatial_dims, size):
-    backbone = BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=(4, 4, 8, 8, 16, 4))
-    net = ResidualEnhancer(backbone, spatial_dims=spatial_dims, pad_multiple=16, smooth_sigma=1.0).eval()
-    x = torch.randn(1, 2, *size)
-    with torch.no_grad():
-        out = net(x)
-    assert out.shape == (1, 1, *size)
-    assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("spatial_dims,size", [(3, (37, 29, 7)), (2, (37, 29))])
-def test_residual_enhancer_zero_backbone_returns_base(spatial_dims, size):
-    backbone = DilatedTwoPathwayNet(spatial_dims=spatial_dims, in_channels=2, features=4)
-    last = backbone.merge[-1].conv
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
-    net = ResidualEnhancer(backbone, spatial_dims=spatial_dims, residual_channel=1).eval()
-    x = torch.randn(1, 2, *size)
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), x[:, 1:2])
 
 
 def test_gaussian_smooth_preserves_constants_and_shape():
@@ -72,10 +49,8 @@ SIGMAS = [[0.0, 0.0, 0.0], [1.0, 1.0, 0.5], [2.0, 2.0, 1.0]]
 
 
 def _scale_mixer(residual: bool = True):
-    from asl_enhance.networks import ScaleMixingEnhancer
-
-    backbone = DilatedTwoPathwayNet(in_channels=2 + len(SIGMAS), out_channels=len(SIGMAS) + 1, features=6)
-    return ScaleMixingEnhancer(backbone, SIGMAS, residual=residual).eval()
+    layout = InputLayout(use_guide=True, use_noise_twin=False)
+    return ScaleMixingEnhancer(layout, SIGMAS, residual=residual, features=6).eval()
 
 
 def test_scale_mixer_starts_as_the_average_blur():
@@ -106,15 +81,9 @@ def test_scale_mixer_scripts_to_the_same_output():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x))
 
 
-def _bounded_mixer(noise_bound: float = 3.0, noise_feature: bool = False):
-    """Channels: mean, guide, twin, flag (the bundle's layout with a guide)."""
-    from asl_enhance.networks import ScaleMixingEnhancer
-
-    in_channels = 4 + len(SIGMAS) + int(noise_feature)
-    backbone = DilatedTwoPathwayNet(in_channels=in_channels, out_channels=len(SIGMAS) + 1, features=6)
-    net = ScaleMixingEnhancer(
-        backbone, SIGMAS, noise_bound=noise_bound, twin_channel=2, noise_feature=noise_feature
-    ).eval()
+def _bounded_mixer(noise_bound: float = 3.0):
+    """Channels: mean, guide, twin, flag (the bundle's layout)."""
+    net = ScaleMixingEnhancer(InputLayout(), SIGMAS, noise_bound=noise_bound, features=6).eval()
     for param in net.parameters():
         torch.nn.init.normal_(param, std=0.3)
     return net
@@ -128,10 +97,9 @@ def _bounded_input(twin_scale: float, flag: float = 1.0) -> torch.Tensor:
     return torch.cat([mean, guide, twin, torch.full_like(mean, flag)], dim=1)
 
 
-@pytest.mark.parametrize("noise_feature", [False, True])
-def test_noise_bound_keeps_a_noise_free_input(noise_feature):
+def test_noise_bound_keeps_a_noise_free_input():
     """Twin zero (the pairs agree): the output is the k-pair mean, whatever the weights."""
-    net = _bounded_mixer(noise_feature=noise_feature)
+    net = _bounded_mixer()
     x = _bounded_input(0.0)
     with torch.no_grad():
         torch.testing.assert_close(net(x), x[:, :1], rtol=0, atol=1e-5)
@@ -161,67 +129,31 @@ def test_noise_bound_leaves_single_pair_inputs_alone():
 
 
 def test_noise_bound_needs_a_twin_channel():
-    from asl_enhance.networks import ScaleMixingEnhancer
-
-    backbone = DilatedTwoPathwayNet(in_channels=2 + len(SIGMAS), out_channels=len(SIGMAS) + 1, features=6)
-    with pytest.raises(ValueError, match="twin_channel"):
-        ScaleMixingEnhancer(backbone, SIGMAS, noise_bound=3.0)
+    with pytest.raises(ValueError, match="noise twin"):
+        ScaleMixingEnhancer(InputLayout(use_noise_twin=False), SIGMAS, noise_bound=3.0)
 
 
 def test_bounded_mixer_scripts_to_the_same_output():
-    net = _bounded_mixer(noise_feature=True)
+    net = _bounded_mixer()
     x = _bounded_input(0.3)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x))
 
 
-def test_padded_backbone_matches_the_unpadded_backbone_where_it_can():
-    """A per-voxel backbone gives the same output padded or not: the crop returns the input's grid."""
-    from asl_enhance.networks import PaddedBackbone
-
-    conv = torch.nn.Conv3d(2, 3, 1)
-    net = PaddedBackbone(conv, multiple=(8, 8, 1)).eval()
-    x = torch.randn(1, 2, 37, 29, 7)
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), conv(x))
-    with pytest.raises(ValueError, match="multiple"):
-        PaddedBackbone(conv, multiple=(8, 8))
-
-
-def _dynunet_mixer(noise_bound: float = 3.0):
-    from asl_enhance.networks import ScaleMixingEnhancer, in_plane_dynunet
-
-    backbone = in_plane_dynunet(4 + len(SIGMAS), len(SIGMAS) + 1, filters=(4, 8, 8, 16))
-    return ScaleMixingEnhancer(backbone, SIGMAS, noise_bound=noise_bound, twin_channel=2).eval()
-
-
-def test_in_plane_dynunet_keeps_odd_sizes_and_starts_as_the_average_blur():
-    """MONAI's DynUNet, pooled in-plane only, takes the ds000240 matrix (64x57, 17 slices) as it is,
-    and its zeroed output layer makes the untrained enhancer the average of the blurred stack."""
-    net = _dynunet_mixer(noise_bound=0.0)
-    x = torch.nn.functional.interpolate(_bounded_input(1.0), size=(64, 57, 17))
-    stack = torch.cat([GaussianSmooth(3, s)(x[:, :1]) for s in SIGMAS], dim=1)
-    with torch.no_grad():
-        out = net(x)
-    assert out.shape == (1, 1, 64, 57, 17)
-    torch.testing.assert_close(out, stack.mean(dim=1, keepdim=True))
-
-
-def test_in_plane_dynunet_scripts_to_the_same_output():
-    net = _dynunet_mixer()
-    for param in net.parameters():
-        torch.nn.init.normal_(param, std=0.1)
-    x = _bounded_input(0.3)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-4, atol=1e-4)
-
-
-def test_dynunet_overlay_builds_with_the_bundle_configs():
-    """scripts/alternatives/dynunet.json swaps the backbone in train.json and inference.json alike."""
-    overlay = BUNDLE.parent / "scripts" / "alternatives" / "dynunet.json"
-    for config in ("train.json", "inference.json"):
-        parser = ConfigParser()
-        parser.read_config([str(BUNDLE / "configs" / config), str(overlay)])
-        net = parser.get_parsed_content("network_def").eval()
+def test_network_sizes_its_backbone_from_the_layout():
+    """The first convolution takes the layout's channels plus the blurred stack; the last gives one
+    weight per width plus the residual, so configs never compute channel counts."""
+    for layout in (InputLayout(), InputLayout(use_guide=False), InputLayout(use_noise_twin=False)):
+        net = ScaleMixingEnhancer(layout, SIGMAS, features=4)
+        assert net.backbone.stem.conv.in_channels == layout.num_channels + len(SIGMAS)
+        assert net.backbone.merge[-1].conv.out_channels == len(SIGMAS) + 1
         with torch.no_grad():
-            assert net(torch.randn(1, INPUT_CHANNELS, 40, 33, 5)).shape == (1, 1, 40, 33, 5)
+            assert net(torch.randn(1, layout.num_channels, 9, 8, 3)).shape == (1, 1, 9, 8, 3)
+
+
+def test_input_layout_reads_booleans_from_the_command_line():
+    assert InputLayout("false", "true") == InputLayout(use_guide=False, use_noise_twin=True)
+    assert InputLayout().twin_channel == 2 and InputLayout(use_guide=False).twin_channel == 1
+    assert InputLayout(use_noise_twin=False).twin_channel is None
+    with pytest.raises(ValueError, match="boolean"):
+        InputLayout(use_guide="maybe")

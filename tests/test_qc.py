@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from asl_enhance.bids import find_asl_series
-from asl_enhance.handlers import TISSUE_COLUMNS, ASLOutputWriter
 from asl_enhance.qc import representative_slices, write_qc_figure
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd
+from asl_enhance.writers import TISSUE_COLUMNS, ASLOutputWriter
 from helpers import AFFINE, phantom_series, write_series
 
 SHAPE = (20, 18, 8)

@@ -4,15 +4,10 @@ in the head, unlike the physiological model fitted to the real scan."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import asl_simulator as sim  # noqa: E402
+import asl_sim.simulator as sim
 
 
 def _clean_subject(noise_model: str) -> dict:

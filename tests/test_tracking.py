@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import BUNDLE, CONFIGS, write_phantom_dataset
 
+#: every test here starts a process (monai.bundle run, the deploy app, mlflow training)
+pytestmark = pytest.mark.slow
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed (test extra)")
 
 

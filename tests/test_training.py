@@ -9,6 +9,9 @@ import pytest
 import torch
 from helpers import bundle_run, phantom_series, write_phantom_dataset, write_series
 
+#: every test here starts a process (monai.bundle run, the deploy app, mlflow training)
+pytestmark = pytest.mark.slow
+
 SHAPE = (20, 18, 8)
 TINY = ("--patch_size", "[16,16,4]", "--batch_size", "2", "--samples_per_series", "2", "--val_interval", "1")
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance.bids import ASLInputError, find_asl_series
-from asl_enhance.networks import DilatedTwoPathwayNet, ResidualEnhancer
+from asl_enhance.layout import InputLayout
+from asl_enhance.networks import ScaleMixingEnhancer
 from asl_enhance.transforms import (
     LoadASLSeriesd,
     NormalizeASLd,
@@ -20,7 +21,6 @@ from asl_enhance.transforms import (
     guide_scale,
     network_input,
     noise_twin,
-    num_input_channels,
 )
 from helpers import phantom_series, write_series
 from monai.transforms import Compose
@@ -33,7 +33,7 @@ def _chain(num_pairs=None, k=None, target="none", use_guide=True, mode="first", 
         [
             LoadASLSeriesd("asl", num_pairs=num_pairs),
             SelectPairsd("pairs", num_input_pairs=k, mode=mode, target=target),
-            NormalizeASLd(use_guide=use_guide, use_noise_twin=use_noise_twin),
+            NormalizeASLd(layout=InputLayout(use_guide, use_noise_twin)),
         ]
     )
 
@@ -124,17 +124,12 @@ def test_network_input_ignores_the_deltam_to_m0_ratio(c):
     guide = rng.uniform(500, 1000, SHAPE)
     deltam = rng.normal(5.0, 3.0, SHAPE)
     twin = rng.normal(0.0, 3.0, SHAPE)
-    image, scale, mask = network_input(deltam, guide, twin=twin)
-    image_c, scale_c, mask_c = network_input(deltam * c, guide, twin=twin * c)
+    image, scale, mask = network_input(deltam, guide, InputLayout(), twin=twin)
+    image_c, scale_c, mask_c = network_input(deltam * c, guide, InputLayout(), twin=twin * c)
     np.testing.assert_allclose(image_c, image, rtol=1e-5, atol=1e-6)
     assert scale_c == pytest.approx(c * scale, rel=1e-6)
     np.testing.assert_array_equal(mask, mask_c)
     assert image[0][mask].mean() == pytest.approx(0.3, rel=1e-4)  # DELTAM_HEAD_LEVEL
-    legacy, legacy_scale, _ = network_input(deltam * c, guide, twin=twin * c, input_level="guide")
-    assert legacy_scale == pytest.approx(guide_scale(guide, deltam)[0] / 100.0)  # percent of M0, not equivariant
-    np.testing.assert_allclose(legacy[0] * legacy_scale, deltam * c, rtol=1e-5)
-    with pytest.raises(ValueError, match="input_level"):
-        network_input(deltam, guide, input_level="m0")
 
 
 def test_deltam_level_stays_positive():
@@ -170,9 +165,11 @@ def test_scale_equivariance_through_network(tmp_path, guide, c, scaled):
     only the perfusion does at fixed M0 (global CBF, labelling efficiency): no level prior. (A
     perfusion-only factor of 0.013 would lose deltaM to float32 rounding of control - label.)"""
     torch.manual_seed(0)
-    channels = num_input_channels(guide != "none", use_noise_twin=True)
-    net = ResidualEnhancer(DilatedTwoPathwayNet(in_channels=channels, features=8), smooth_sigma=0.5)
-    net.eval()
+    layout = InputLayout(use_guide=guide != "none", use_noise_twin=True)
+    channels = layout.num_channels
+    net = ScaleMixingEnhancer(layout, features=8).eval()
+    for param in net.parameters():  # trained-like weights: a zero-initialised head would hide a level prior
+        torch.nn.init.normal_(param, std=0.1)
     post = RestoreScaled("pred")
     outputs = []
     for scale, folder in ((1.0, tmp_path / "a"), (c, tmp_path / "b")):

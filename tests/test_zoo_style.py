@@ -154,7 +154,7 @@ def test_train_and_evaluate_config(dataset_dir, tmp_path):
         "output_dir": str(tmp_path / "eval"),
         "handlers#0#load_path": str(tmp_path / "ckpt" / "model.pt"),
     }
-    check_workflow(workflow("infer", str(CONFIGS / "evaluate.json"), **evaluation))
+    check_workflow(workflow("infer", [str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")], **evaluation))
     assert (tmp_path / "eval" / "evaluation.csv").is_file()
 
 
@@ -175,4 +175,4 @@ def test_deploy_app_version_follows_the_bundle():
     version = metadata()["version"]
     manifest = (ROOT / "deploy" / "app.yaml").read_text()
     assert re.search(rf"^\s*version:\s*{re.escape(version)}\s*$", manifest, re.M), "deploy/app.yaml version"
-    assert f'APP_VERSION = "{version}"' in (ROOT / "deploy" / "app.py").read_text(), "deploy/app.py APP_VERSION"
+    assert "from asl_enhance.version import __version__ as APP_VERSION" in (ROOT / "deploy" / "app.py").read_text()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .layout import InputLayout
 from .transforms import network_input, noise_twin
 
 logger = logging.getLogger("asl_enhance")
@@ -55,13 +56,12 @@ def adapt_network(
     steps: int,
     learning_rate: float = 1e-4,
     seed: int = 0,
-    use_guide: bool = True,
-    use_noise_twin: bool = True,
-    input_level: str = "deltam",
+    layout: InputLayout | None = None,
 ) -> torch.nn.Module:
     """A copy of ``network`` trained ``steps`` Adam steps on Noise2Noise splits of ``pairs`` (K, X, Y, Z):
     input = mean of some pairs (normalised as the pipeline does), target = mean of the others, MSE over
     the volume, random left-right flips as in training. Deterministic for a seed; ``network`` is untouched."""
+    layout = layout or InputLayout()
     pairs = np.asarray(pairs, np.float32)
     guide = np.asarray(guide, np.float32)
     device = next(network.parameters()).device
@@ -76,9 +76,7 @@ def adapt_network(
             key = tuple(used)
             if key not in cache:
                 inputs = pairs[used]
-                image, scale, _ = network_input(
-                    inputs.mean(axis=0), guide, use_guide, use_noise_twin, noise_twin(inputs), input_level
-                )
+                image, scale, _ = network_input(inputs.mean(axis=0), guide, layout, noise_twin(inputs))
                 label = (pairs[rest].mean(axis=0) / scale)[None]
                 cache[key] = (torch.as_tensor(image)[None], torch.as_tensor(label, dtype=torch.float32)[None])
             image, label = (t.to(device) for t in cache[key])
@@ -112,13 +110,10 @@ class ScanAdaptation:
         steps: int = 20,
         learning_rate: float = 1e-4,
         seed: int = 0,
-        use_guide: bool = True,
-        use_noise_twin: bool = True,
-        input_level: str = "deltam",
+        layout: InputLayout | None = None,
     ):
         self.steps, self.learning_rate = int(steps), float(learning_rate)
-        self.seed, self.use_guide, self.use_noise_twin = int(seed), bool(use_guide), bool(use_noise_twin)
-        self.input_level = input_level
+        self.seed, self.layout = int(seed), layout or InputLayout()
         self.seconds: list[float] = []
         self._original: torch.nn.Module | None = None
 
@@ -149,9 +144,7 @@ class ScanAdaptation:
                     self.steps,
                     self.learning_rate,
                     self.seed,
-                    self.use_guide,
-                    self.use_noise_twin,
-                    self.input_level,
+                    self.layout,
                 )
             )
             self.seconds.append(time.perf_counter() - start)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
-from .bids import ASLInputError, find_asl_series
+from .bids import ASLInputError, find_asl_series, load_asl_series
+from .items import batch_items
 
 logger = logging.getLogger("asl_enhance")
 
@@ -73,9 +74,7 @@ class SeriesFailureReport:
         engine.state.asl_failures = []
 
     def __call__(self, engine: Engine) -> None:
-        from .handlers import _items
-
-        for item in _items(engine):
+        for item in batch_items(engine):
             self.seen += int(item.get("input_group", 0) or 0) == 0  # input groups of one series count once
             if item.get("error"):
                 record_failure(engine, item["error"])
@@ -97,8 +96,6 @@ class SeriesFailureReport:
 def usable_series(items: list[dict[str, str]], min_pairs: int = 2) -> list[dict[str, str]]:
     """The series of a training set that read cleanly and have at least ``min_pairs`` pairs; each
     one left out is named in a warning, so one broken series never stops a training run."""
-    from .bids import load_asl_series
-
     usable = []
     for item in items:
         try:

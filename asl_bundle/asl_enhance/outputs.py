@@ -23,17 +23,24 @@ def safe_output_path(output_dir: str | Path, rel_dir: str | Path, name: str) -> 
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[str], Any], suffix: str = ".partial") -> None:
+def atomic_write(path: Path, write: Callable[[str], Any], suffix: str = ".partial") -> None:
     """Write through ``write(tmp)`` to a hidden temporary name beside ``path``, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray) -> None:
@@ -42,7 +49,7 @@ def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray) -> Non
     image.header.set_data_dtype(np.float32)
     image.header.set_xyzt_units("mm", "sec")
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
-    _atomic_write(Path(path), lambda tmp: nib.save(image, tmp), suffix=f".partial{suffix}")
+    atomic_write(Path(path), lambda tmp: nib.save(image, tmp), suffix=f".partial{suffix}")
 
 
 def write_json(path: str | Path, content: Any) -> None:
@@ -51,12 +58,12 @@ def write_json(path: str | Path, content: Any) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(content, indent=2, default=_jsonable) + "\n", encoding="utf-8")
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Write text atomically."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _jsonable(value: Any) -> Any:

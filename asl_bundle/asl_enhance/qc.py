@@ -8,8 +8,6 @@ diverging scale so that what the network added (red) or removed (blue) stands ou
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .outputs import atomic_write  # noqa: E402
 
 NUM_SLICES = 5
 
@@ -94,15 +94,8 @@ def write_qc_figure(
         bar.set_label(f"{kind} ({units})", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90), suffix=".partial.png")
     finally:
         plt.close(fig)
     return path

@@ -15,14 +15,11 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from .bids import ASLInputError, load_asl_series, load_nifti
+from .layout import InputLayout
 
 #: the network sees deltaM scaled so that its own mean inside the head is this value (about the
 #: head mean of deltaM in percent of M0 in simulated and real scans, so losses keep their scale)
 DELTAM_HEAD_LEVEL = 0.3
-#: legacy unit of the 0.1-0.4 weights: deltaM in percent of the guide's head level
-PERCENT = 100.0
-#: what sets the network's deltaM unit: its own head mean (``deltam``) or the guide (``guide``, legacy)
-INPUT_LEVELS = ("deltam", "guide")
 #: the deltaM level never falls below this fraction of its RMS inside the head (near-zero or
 #: negative means: no perfusion, inverted label order), so the scale stays positive and finite
 DELTAM_LEVEL_FLOOR = 0.05
@@ -56,6 +53,7 @@ def mark_failed(d: dict, err: Exception) -> dict:
         input_mean=np.zeros(shape, np.float32),
         input_pairs="[]",
         num_pairs_used=0,
+        input_notes="[]",
     )
     for key in ("truth", "target", "other_mean", "target_noise_var", "pair_noise_var"):
         if isinstance(d.get(key), np.ndarray):
@@ -107,6 +105,7 @@ class LoadASLSeriesd(MapTransform):
                 sidecar_json=json.dumps(series.sidecar),
                 pair_volumes=json.dumps(series.pair_volumes),
                 total_pairs=series.extra["total_pairs"],
+                input_notes=json.dumps(series.notes),
             )
             if d.get("truth"):
                 truth, _ = load_nifti(d["truth"])
@@ -349,47 +348,22 @@ def noise_twin(pairs: np.ndarray) -> np.ndarray | None:
     return np.tensordot(weights, pairs, axes=1).astype(np.float32)
 
 
-def num_input_channels(use_guide: bool = True, use_noise_twin: bool = True) -> int:
-    """Channels of :func:`network_input`: deltaM, [guide], [noise twin, twin-present flag]."""
-    return 1 + int(bool(use_guide)) + 2 * int(bool(use_noise_twin))
-
-
-def noise_twin_channel(use_guide: bool = True, use_noise_twin: bool = True) -> int | None:
-    """Index of the noise twin in :func:`network_input` (its flag follows it); ``None`` without one."""
-    return 1 + int(bool(use_guide)) if use_noise_twin else None
-
-
-def check_input_level(input_level: str) -> str:
-    if input_level not in INPUT_LEVELS:
-        raise ValueError(f"input_level must be one of {INPUT_LEVELS}, got {input_level!r}")
-    return input_level
-
-
 def network_input(
-    input_mean: Any,
-    guide: Any,
-    use_guide: bool = True,
-    use_noise_twin: bool = True,
-    twin: np.ndarray | None = None,
-    input_level: str = "deltam",
+    input_mean: Any, guide: Any, layout: InputLayout | None = None, twin: np.ndarray | None = None
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """The network's ``image`` (C, X, Y, Z), the ``scale`` back to input units and the head mask,
-    from a k-pair mean (scaled by :func:`deltam_level`), the guide and (``use_noise_twin``) the
-    :func:`noise_twin` of the input pairs with a flag channel that is 1 where a twin exists (K >= 2)
-    and 0 where it does not (K = 1); one function, so per-scan adaptation builds inputs exactly as
-    the pipeline does. ``input_level``
-    ``guide`` gives the legacy unit (percent of the guide's level) that weights before 0.5.0 need."""
+    from a k-pair mean (scaled by :func:`deltam_level`), the guide and the :func:`noise_twin` of the
+    input pairs with its flag channel (1 where a twin exists, k >= 2), as ``layout`` asks; one
+    function, so per-scan adaptation builds inputs exactly as the pipeline does."""
+    layout = layout or InputLayout()
     guide = np.asarray(guide)
     input_mean = np.asarray(input_mean)
     level, mask = guide_scale(guide, input_mean)
-    if check_input_level(input_level) == "guide":
-        scale = level / PERCENT
-    else:
-        scale = deltam_level(input_mean, mask) / DELTAM_HEAD_LEVEL
+    scale = deltam_level(input_mean, mask) / DELTAM_HEAD_LEVEL
     channels = [input_mean / scale]
-    if use_guide:
+    if layout.use_guide:
         channels.append(guide / level)
-    if use_noise_twin:
+    if layout.use_noise_twin:
         present = twin is not None
         channels.append(np.asarray(twin) / scale if present else np.zeros_like(input_mean))
         channels.append(np.full(input_mean.shape, float(present)))
@@ -397,39 +371,34 @@ def network_input(
 
 
 class NormalizeASLd(MapTransform):
-    """Build ``image`` (C, X, Y, Z): deltaM at a head mean of DELTAM_HEAD_LEVEL, then (optionally) the
-    guide at unit level and the input's noise twin with its flag (see :func:`network_input`);
-    ``label`` likewise from ``target``; ``mask`` the head; ``scale`` the factor
-    that turns network output back into the input's units. A failed item gets zero placeholders."""
+    """Build ``image`` (C, X, Y, Z): deltaM at a head mean of DELTAM_HEAD_LEVEL, then the channels
+    ``layout`` asks for (see :func:`network_input`); ``label`` likewise from ``target``; ``mask`` the
+    head; ``scale`` the factor that turns network output back into the input's units. A failed item
+    gets zero placeholders."""
 
     def __init__(
         self,
         keys: KeysCollection = ("input_mean", "target", "other_mean", "truth"),
+        layout: InputLayout | None = None,
         guide_key: str = "guide",
-        use_guide: bool = True,
-        use_noise_twin: bool = True,
         twin_key: str = "input_twin",
         allow_missing_keys: bool = True,
-        input_level: str = "deltam",
     ):
         super().__init__(keys, allow_missing_keys)
-        self.guide_key, self.use_guide = guide_key, use_guide
-        self.use_noise_twin, self.twin_key = use_noise_twin, twin_key
-        self.input_level = check_input_level(input_level)
+        self.layout = layout or InputLayout()
+        self.guide_key, self.twin_key = guide_key, twin_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         if d.get("error"):
             shape = np.shape(d["input_mean"])
-            d["image"] = np.zeros((num_input_channels(self.use_guide, self.use_noise_twin), *shape), np.float32)
+            d["image"] = np.zeros((self.layout.num_channels, *shape), np.float32)
             d["mask"] = np.zeros((1, *shape), np.float32)
             d["scale"] = np.float32(1.0)
             return d
         twin = d.get(self.twin_key)
-        d["image"], scale, mask = network_input(
-            d["input_mean"], d[self.guide_key], self.use_guide, self.use_noise_twin,
-            twin if isinstance(twin, np.ndarray) else None, self.input_level,
-        )  # fmt: skip
+        twin = twin if isinstance(twin, np.ndarray) else None
+        d["image"], scale, mask = network_input(d["input_mean"], d[self.guide_key], self.layout, twin)
         if isinstance(d.get("target"), np.ndarray):
             d["label"] = (d["target"] / scale)[None].astype(np.float32)
         d["mask"] = mask[None].astype(np.float32)
@@ -448,19 +417,4 @@ class RestoreScaled(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = d[key] * float(d[self.scale_key])
-        return d
-
-
-class AppendInputToLabeld(MapTransform):
-    """Append the network input's k-pair-mean channel to ``label`` (2 channels: target, input), for
-    :class:`asl_enhance.losses.InputRelativeLoss`; crops and flips then move both alike."""
-
-    def __init__(self, keys: KeysCollection = "label", image_key: str = "image", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.image_key = image_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = np.concatenate([np.asarray(d[key]), np.asarray(d[self.image_key])[:1]]).astype(np.float32)
         return d

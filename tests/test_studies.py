@@ -1,0 +1,103 @@
+"""The study scripts under studies/ still run on the current code: each test imports one by path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from asl_enhance.smoothing import gaussian_smooth
+from helpers import load_study, phantom_series, write_series
+
+import asl_bench.core as benchmark
+
+
+def test_noise_level_sweep_shrinks_noise_and_twin_towards_the_truth():
+    sweep = load_study("noise_level_sweep/noise_level_sweep.py")
+    from asl_enhance.transforms import noise_twin
+
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(0.5, 1.5, (10, 9, 4)).astype(np.float32)
+    pairs = truth + rng.normal(0, 0.5, (2, *truth.shape)).astype(np.float32)
+    prep = {
+        "input_mean": pairs.mean(0),
+        "input_twin": noise_twin(pairs),
+        "guide": np.full(truth.shape, 100.0),
+        "truth": truth,
+    }
+    half = sweep.shrunk(prep, 0.5)
+    np.testing.assert_allclose(half["input_mean"] - truth, 0.5 * (prep["input_mean"] - truth), atol=1e-6)
+    np.testing.assert_allclose(half["input_twin"], 0.5 * prep["input_twin"], atol=1e-6)
+    np.testing.assert_allclose(half["image"][2], half["input_twin"] / half["scale"], rtol=1e-5)
+    clean = sweep.shrunk(prep, 0.0)
+    np.testing.assert_allclose(clean["input_mean"], truth, atol=1e-6)
+    masks = {"GM": truth > 1.0, "WM": truth <= 1.0}
+    assert sweep.tissue_bias(truth, truth, masks) == {"GM": 0.0, "WM": 0.0}
+    assert sweep.tissue_bias(1.1 * truth, truth, masks)["GM"] == pytest.approx(10.0, rel=1e-4)
+
+
+def test_level_check_finds_no_level_prior(tmp_path):
+    """level_check.py: scaling deltaM at fixed M0 leaves the level ratio of a network in the deltaM
+    unit unchanged; a trained-looking (non-zero) output layer makes the network non-linear, so a
+    level prior would show."""
+    level_check = load_study("level_check/level_check.py")
+    from monai.bundle import ConfigParser
+
+    inference = benchmark.INFERENCE_CONFIG
+    parser = ConfigParser()
+    parser.read_config(str(inference))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    for param in net.parameters():
+        param.data.normal_(0.0, 0.3)
+    weights = tmp_path / "model.pt"
+    torch.save(net.state_dict(), weights)
+    rng = np.random.default_rng(3)
+    shape = (16, 14, 6)
+    truth = gaussian_smooth(rng.uniform(0.0, 2.0, shape), (1.5, 1.5, 1.0)).astype(np.float32)
+    pairs = (truth + rng.normal(0.0, 0.5, (5, *shape))).astype(np.float32)
+    item = {"pairs": pairs, "guide": np.full(shape, 300.0, np.float32), "asl": "phantom"}
+    series = benchmark.Series("phantom", item, (3.0, 3.0, 5.0), np.ones(shape, bool), truth=truth)
+    models = [benchmark.build_model(f"deltam={weights}:noise_bound=0", inference)]
+    rows = level_check.check([series], models, [2], [0.25, 1.0, 4.0])
+    levels = {(r["method"], r["factor"]): r["level"] for r in rows}
+    assert levels[("deltam", 0.25)] == pytest.approx(levels[("deltam", 4.0)], rel=1e-4)
+
+
+def test_score_checkpoints_names_only_checkpoints_a_run_has(tmp_path):
+    """A run with a validation pick yields "best" and "last"; a run whose model.pt is its last epoch
+    (keep_weights "last", never validated) yields only "last", not a second copy labelled "best"."""
+    score_checkpoints = load_study("seed_study/score_checkpoints.py")
+    from monai.bundle import ConfigParser
+
+    inference = benchmark.INFERENCE_CONFIG
+    parser = ConfigParser()
+    parser.read_config(str(inference))
+    torch.manual_seed(0)
+    last_net, pick_net = parser.get_parsed_content("network_def"), parser.get_parsed_content("network_def")
+    for run in ("validated", "unvalidated"):
+        (tmp_path / run).mkdir()
+        torch.save({"model": last_net.state_dict(), "epoch": 3}, tmp_path / run / "checkpoint.pt")
+        torch.save(last_net.state_dict(), tmp_path / run / "model.pt")
+    torch.save(pick_net.state_dict(), tmp_path / "validated" / "model_best_val.pt")
+    runs = ("validated", "unvalidated")
+    names = {run: [m.name for m in score_checkpoints.checkpoints(str(tmp_path / run))] for run in runs}
+    assert names == {"validated": ["validated_best", "validated_last"], "unvalidated": ["unvalidated_last"]}
+
+
+def test_anatomy_guidance_uses_the_controls_of_the_input_pairs_only(tmp_path):
+    """anatomy_guidance.py: the control regressor of a k-pair input is the mean of exactly
+    those pairs' control volumes (label-first storage and an included M0 handled by the reader); a
+    real series (no truth) gets no oracle regressor sets."""
+    anatomy_guidance = load_study("anatomy_guidance/anatomy_guidance.py")
+
+    volumes, types, _ = phantom_series(num_pairs=4, label_first=True)
+    controls = [i for i, t in enumerate(types) if t == "control"]
+    for n, v in enumerate(controls):  # label-first: each control's label is the volume before it
+        volumes[..., v] = 100.0 * (n + 1)
+        volumes[..., v - 1] = 100.0 * (n + 1) - 1.0  # control - label stays positive (a realistic order)
+    write_series(tmp_path / "sub-01" / "perf", "sub-01", volumes, types)
+    series = benchmark.load_series(tmp_path, simulated=False, limit=None)[0]
+    np.testing.assert_allclose(anatomy_guidance.mean_control(series, [1, 3]), 300.0)
+    sets = anatomy_guidance.regressors(series, [1, 3], np.ones(volumes.shape[:3], bool))
+    assert sorted(sets) == ["gaussian", "m0", "m0_control"]
+    np.testing.assert_allclose(sets["m0_control"][1], 1.0)
