@@ -2,6 +2,20 @@
 
 Every problem with an input raises :class:`ASLInputError` naming the file and what is wrong, so a
 batch run can report it in one line and go on with the other series.
+
+Why the reader checks more than the format: each check below stands where the alternative was a wrong
+map written with exit status 0, a traceback from deep inside a library, or a batch that hangs.
+
+- Only regular files are opened (a FIFO named ``*_asl.nii.gz`` blocks ``open`` forever); sidecars
+  are read up to :data:`MAX_SIDECAR_BYTES` and :data:`MAX_SIDECAR_DEPTH` levels of nesting.
+- Images must be finite, below :data:`MAX_ABS_INTENSITY` in magnitude (float32 arithmetic on larger
+  values overflows downstream) and have an invertible voxel-to-world affine (outputs need one).
+- The ASL volumes must carry signal (not constant; not every control equal to its label).
+- M0 must be positive in the head (zero M0 gives zero CBF, negative M0 flips its sign).
+- The control/label order must agree with the data (see :func:`pair_order_statistic`).
+- A separate M0 on another voxel grid is brought onto the ASL grid (see :func:`m0_on_asl_grid`).
+
+What the reader assumed about usable data is kept in :attr:`ASLSeries.notes`, for the sidecars.
 """
 
 from __future__ import annotations
@@ -10,6 +24,7 @@ import csv
 import gzip
 import json
 import math
+import stat
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +37,30 @@ from nibabel.spatialimages import HeaderDataError
 
 VOLUME_TYPES = ("control", "label", "m0scan", "deltam", "cbf", "norf")
 ASL_SUFFIXES = ("_asl.nii.gz", "_asl.nii")
+#: largest sidecar read: real ones are a few kB, and reading an arbitrary huge file costs memory and time
+MAX_SIDECAR_BYTES = 10 * 1024 * 1024
+#: deepest nesting accepted in a sidecar: BIDS fields nest 2-3 levels; deeper JSON is not a sidecar
+MAX_SIDECAR_DEPTH = 32
+#: largest magnitude accepted in an image: its square summed over 10^7 voxels (the noise variances the
+#: pipeline computes) stays below float32's 3.4e38; scanner data are many orders of magnitude smaller
+MAX_ABS_INTENSITY = 1e15
+#: |det| of the affine's 3x3 part relative to the product of its column lengths (1 for orthogonal voxel
+#: axes, 0 for collinear or zero ones) below which the affine is singular and positions are undefined
+MIN_AFFINE_ORTHOGONALITY = 1e-6
+#: the M0 affine is the ASL's when every entry agrees within this (mm)
+AFFINE_ATOL_MM = 1e-3
+#: voxel centres closer than this fraction of a voxel are the same point (same grid, header-only change)
+SAME_GRID_TOLERANCE_VOXELS = 0.1
+#: a voxel is in the head for the input checks when its reference (M0, mean control or |mean deltaM|)
+#: exceeds this fraction of the reference's 99th percentile
+HEAD_FRACTION = 0.3
+#: M0 is refused when more than this fraction of its head voxels are zero or negative
+M0_MAX_NONPOSITIVE_FRACTION = 0.5
+#: the control/label order is refused as swapped when the median pair's head-mean control - label is
+#: below -SWAP_Z standard errors (so a series without perfusion, where the sign is noise, never is)
+SWAP_Z = 5.0
+#: fewer head voxels than this give no usable head mean: the swapped-order check is skipped
+SWAP_MIN_HEAD_VOXELS = 32
 
 
 class ASLInputError(ValueError):
@@ -39,13 +78,14 @@ class ASLSeries:
 
     pairs: np.ndarray  # (P, X, Y, Z) control - label (or given deltam), float32
     control_mean: np.ndarray | None  # (X, Y, Z)
-    m0: np.ndarray | None  # (X, Y, Z)
+    m0: np.ndarray | None  # (X, Y, Z), on the ASL grid
     affine: np.ndarray
     sidecar: dict[str, Any]
     volume_types: list[str]
     pair_volumes: list[tuple[int, ...]]  # volume indices (0-based) behind each pair
     m0_source: str  # "included", "separate" or "absent"
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the reader assumed or changed (for the sidecars)
 
     @property
     def num_pairs(self) -> int:
@@ -106,11 +146,33 @@ def find_asl_series(
     return items
 
 
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_regular_file(path: Path, what: str) -> None:
+    """Refuse an existing path that is not a regular file, before anything opens it: opening a FIFO
+    blocks until a writer appears (forever, in a batch), and no device or folder is an input file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise ASLInputError(path, f"cannot inspect {what} ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ASLInputError(path, f"{what} is {kind}, not a regular file: not opened")
+
+
 def read_aslcontext(path: str | Path) -> list[str]:
     """Volume types from an ``aslcontext.tsv`` (one column ``volume_type``), lower-cased."""
     path = Path(path)
     if not path.exists():
         raise ASLInputError(path, "aslcontext is missing (needed to tell control, label and M0 volumes apart)")
+    _require_regular_file(path, "aslcontext")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as err:
@@ -138,20 +200,46 @@ def read_aslcontext(path: str | Path) -> list[str]:
 
 
 def read_sidecar(path: str | Path | None, required: bool = False) -> dict[str, Any]:
-    """The JSON sidecar as plain data (never evaluated); {} when absent and not required."""
+    """The JSON sidecar as plain data (never evaluated); {} when absent and not required.
+
+    Read at most :data:`MAX_SIDECAR_BYTES` and :data:`MAX_SIDECAR_DEPTH` deep: a sidecar nested
+    200,000 deep made the JSON parser raise RecursionError, which named no file.
+    """
     if not path or not Path(path).exists():
         if required:
             raise ASLInputError(path or "<sidecar>", "sidecar JSON is missing")
         return {}
+    path = Path(path)
+    _require_regular_file(path, "sidecar")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError) as err:
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_SIDECAR_BYTES + 1)
+    except OSError as err:
+        raise ASLInputError(path, f"cannot read sidecar ({err})") from None
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise ASLInputError(path, f"sidecar is larger than {MAX_SIDECAR_BYTES // 2**20} MB: not a sidecar, not read")
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
         raise ASLInputError(path, f"cannot read sidecar ({err})") from None
     except json.JSONDecodeError as err:
         raise ASLInputError(path, f"sidecar is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except RecursionError:
+        raise ASLInputError(path, f"sidecar JSON is nested too deeply (more than {MAX_SIDECAR_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise ASLInputError(path, "sidecar JSON is not an object")
+    if _json_depth(data) > MAX_SIDECAR_DEPTH:
+        raise ASLInputError(path, f"sidecar JSON is nested too deeply (more than {MAX_SIDECAR_DEPTH} levels)")
     return data
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``{}`` is 1), without recursion."""
+    depth, level = 0, [value]
+    while any(isinstance(v, (dict, list)) for v in level):
+        depth += 1
+        level = [c for v in level if isinstance(v, (dict, list)) for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
 
 
 def form_pairs(volume_types: list[str], source: str | Path = "<aslcontext>") -> list[tuple[int, ...]]:
@@ -177,37 +265,65 @@ def _check_gzip(path: Path) -> None:
 
 
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Image data (float32, scaling applied) and affine; corrupt files become ASLInputError."""
+    """Image data (float32, scaling applied) and affine; corrupt files, non-finite or overflowing
+    values and singular affines become ASLInputError."""
     path = Path(path)
     if not path.exists():
         raise ASLInputError(path, "file does not exist")
+    _require_regular_file(path, "image")
     try:
         if path.name.endswith(".gz"):
             _check_gzip(path)
         image = nib.load(str(path))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become Inf: refused below
+            data = np.asarray(image.get_fdata(dtype=np.float32))
     except (
         OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,
         nib.filebasedimages.ImageFileError, HeaderDataError,
     ) as err:  # fmt: skip
         raise ASLInputError(path, f"cannot read NIfTI ({type(err).__name__}: {err})") from None
-    if not np.all(np.isfinite(data)):
-        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-        raise ASLInputError(path, f"{bad} voxels are NaN or Inf")
-    return data, np.asarray(image.affine, dtype=np.float64)
+    _check_intensities(path, data)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    _check_affine(path, affine)
+    return data, affine
 
 
-def _check_geometry(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, ref_shape, ref_affine) -> None:
-    if tuple(shape) != tuple(ref_shape):
-        raise ASLInputError(path, f"M0 shape {tuple(shape)} does not match the ASL series {tuple(ref_shape)}")
-    if not np.allclose(affine, ref_affine, atol=1e-3):
-        raise ASLInputError(path, "M0 affine does not match the ASL series")
+def _check_intensities(path: Path, data: np.ndarray) -> None:
+    """Refuse NaN/Inf voxels and magnitudes above :data:`MAX_ABS_INTENSITY` (one pass when clean)."""
+    if data.size == 0:
+        return
+    low, high = float(data.min()), float(data.max())  # NaN propagates into both
+    if math.isfinite(low) and math.isfinite(high) and max(-low, high) <= MAX_ABS_INTENSITY:
+        return
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise ASLInputError(path, f"{int(data.size - np.count_nonzero(finite))} voxels are NaN or Inf")
+    huge = int(np.count_nonzero(np.abs(data) > MAX_ABS_INTENSITY))
+    raise ASLInputError(
+        path,
+        f"{huge} voxels have magnitude above {MAX_ABS_INTENSITY:.0e} (largest {max(-low, high):.3g}): "
+        "float32 arithmetic on them overflows",
+    )
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    """Refuse a non-finite or singular voxel-to-world affine (an all-zero sform, say): positions are
+    undefined and no output could be written with it."""
+    linear = affine[:3, :3]
+    if not np.all(np.isfinite(affine)):
+        raise ASLInputError(path, "voxel-to-world affine (sform/qform) holds NaN or Inf")
+    lengths = np.linalg.norm(linear, axis=0)
+    if np.any(lengths == 0) or abs(np.linalg.det(linear)) <= MIN_AFFINE_ORTHOGONALITY * float(np.prod(lengths)):
+        raise ASLInputError(
+            path, "voxel-to-world affine (sform/qform) is singular (e.g. all zero): voxel positions are undefined"
+        )
 
 
 def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSeries:
     """Read a series found by :func:`find_asl_series` into pair differences, mean control and M0.
 
-    ``num_pairs`` keeps only the first K pairs (to emulate a short scan on a long one).
+    ``num_pairs`` keeps only the first K pairs (to emulate a short scan on a long one); the signal
+    and pair-order checks use every pair of the series, so they do not depend on K.
     """
     asl_path = item["asl"]
     volume_types = read_aslcontext(item["aslcontext"])
@@ -222,6 +338,11 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
         raise ASLInputError(
             item["aslcontext"], f"lists {len(volume_types)} volumes but {Path(asl_path).name} has {data.shape[3]}"
         )
+    check_signal(data, volume_types, pairs_idx, asl_path)
+    notes: list[str] = []
+    m0, m0_source = _load_m0(item, data, affine, volume_types, notes)
+    order = pair_order_statistic(data, volume_types, pairs_idx, m0)
+    _refuse_swapped_order(order, volume_types, item["aslcontext"], asl_path)
     total_pairs = len(pairs_idx)
     if num_pairs is not None:
         if int(num_pairs) < 1:
@@ -231,10 +352,8 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
         pairs_idx = pairs_idx[: int(num_pairs)]
     pairs = np.stack([_pair_difference(data, idx, volume_types) for idx in pairs_idx]).astype(np.float32)
     control_mean = mean_control(data, volume_types, pairs_idx)
-    m0, m0_source = _load_m0(item, data, affine, volume_types)
-    return ASLSeries(
-        pairs, control_mean, m0, affine, sidecar, volume_types, pairs_idx, m0_source, {"total_pairs": total_pairs}
-    )
+    extra = {"total_pairs": total_pairs, "pair_order": order}
+    return ASLSeries(pairs, control_mean, m0, affine, sidecar, volume_types, pairs_idx, m0_source, extra, notes)
 
 
 def mean_control(data: np.ndarray, volume_types: list[str], pair_volumes: Sequence[Sequence[int]]) -> np.ndarray | None:
@@ -244,7 +363,7 @@ def mean_control(data: np.ndarray, volume_types: list[str], pair_volumes: Sequen
     return data[..., controls].mean(axis=-1) if controls else None
 
 
-def _pair_difference(data: np.ndarray, idx: tuple[int, ...], volume_types: list[str]) -> np.ndarray:
+def _pair_difference(data: np.ndarray, idx: Sequence[int], volume_types: list[str]) -> np.ndarray:
     """control - label for a pair, or the deltam volume itself."""
     if len(idx) == 1:
         return data[..., idx[0]]
@@ -252,19 +371,194 @@ def _pair_difference(data: np.ndarray, idx: tuple[int, ...], volume_types: list[
     return data[..., a] - data[..., b] if volume_types[a] == "control" else data[..., b] - data[..., a]
 
 
-def _load_m0(item, data, affine, volume_types) -> tuple[np.ndarray | None, str]:
-    """M0 from included ``m0scan`` volumes, else from a separate ``*_m0scan.nii[.gz]``."""
+def check_signal(
+    data: np.ndarray, volume_types: list[str], pair_volumes: Sequence[Sequence[int]], path: str | Path
+) -> None:
+    """Refuse a series whose pair volumes are constant, or whose every pair difference is zero: such a
+    series has no perfusion signal, and enhancing it wrote all-zero maps with exit status 0."""
+    used = sorted({i for pair in pair_volumes for i in pair})
+    low = min(float(data[..., i].min()) for i in used)
+    high = max(float(data[..., i].max()) for i in used)
+    if low == high:
+        raise ASLInputError(path, f"every ASL volume holds the same value ({low:g}) in every voxel: no signal")
+    if not any(np.any(_pair_difference(data, idx, volume_types)) for idx in pair_volumes):
+        raise ASLInputError(path, "every control volume equals its label (all pair differences are 0): no perfusion")
+
+
+def check_m0(m0: np.ndarray, path: str | Path) -> None:
+    """Refuse an M0 that is zero, or zero/negative in most of the head (the voxels where its magnitude
+    exceeds :data:`HEAD_FRACTION` of its 99th percentile): CBF divides by M0, so it would be all zero
+    or flip sign, and the network's guide would be empty or inverted."""
+    magnitude = np.abs(m0)
+    top = float(np.percentile(magnitude, 99)) if m0.size else 0.0
+    if top == 0:
+        where = "every voxel" if not np.any(magnitude) else "99% of voxels"
+        raise ASLInputError(path, f"M0 is zero in {where}: nothing to scale deltaM by")
+    head = magnitude > HEAD_FRACTION * top
+    nonpositive = float(np.mean(m0[head] <= 0))
+    if nonpositive > M0_MAX_NONPOSITIVE_FRACTION:
+        raise ASLInputError(
+            path, f"M0 is zero or negative in {nonpositive:.0%} of the head: sign-flipped or not a magnitude image"
+        )
+
+
+def _load_m0(item, data, affine, volume_types, notes: list[str]) -> tuple[np.ndarray | None, str]:
+    """M0 from included ``m0scan`` volumes, else from a separate ``*_m0scan.nii[.gz]`` (brought onto
+    the ASL grid when it is stored on another one)."""
     included = [i for i, t in enumerate(volume_types) if t == "m0scan"]
     if included:
-        return data[..., included].mean(axis=-1), "included"
+        m0 = data[..., included].mean(axis=-1)
+        check_m0(m0, item["asl"])
+        return m0, "included"
     m0_path = item.get("m0scan")
     if not m0_path:
         return None, "absent"
     m0, m0_affine = load_nifti(m0_path)
     if m0.ndim == 4:
         m0 = m0.mean(axis=-1)
-    _check_geometry(m0_path, m0.shape, m0_affine, data.shape[:3], affine)
-    return m0, "separate"
+    if m0.ndim != 3:
+        raise ASLInputError(m0_path, f"M0 must be 3D (or 4D, averaged), got {m0.ndim}D {m0.shape}")
+    check_m0(m0, m0_path)
+    return m0_on_asl_grid(m0_path, m0, m0_affine, data.shape[:3], affine, notes), "separate"
+
+
+def _grid_corners(shape: Sequence[int]) -> np.ndarray:
+    """Homogeneous voxel coordinates (4, 8) of the corner voxel centres of a grid."""
+    axes = [(0, n - 1) for n in shape]
+    return np.array([[i, j, k, 1.0] for i in axes[0] for j in axes[1] for k in axes[2]]).T
+
+
+def m0_on_asl_grid(
+    path: str | Path,
+    m0: np.ndarray,
+    m0_affine: np.ndarray,
+    shape: Sequence[int],
+    affine: np.ndarray,
+    notes: list[str],
+) -> np.ndarray:
+    """A separate M0 on the ASL voxel grid, or ASLInputError when the two do not overlap in world space.
+
+    Why not refuse every other grid: M0 slabs shifted by a slice and headers rewritten by SPM are common
+    in real data, and the tools users know resample the M0. In order of preference:
+
+    - same shape, and every voxel centre within :data:`SAME_GRID_TOLERANCE_VOXELS` of the ASL's (the
+      affines differ only in the header, e.g. qform/sform rounding or a tiny reorientation): used as is;
+    - voxel centres that coincide with the ASL's after reindexing (a shifted slab, flipped or permuted
+      axes): copied voxel for voxel, exactly;
+    - otherwise trilinear interpolation in world space with MONAI's SpatialResample (MONAI is already a
+      dependency; nibabel.processing and scipy.ndimage would add scipy to the bundle's requirements).
+
+    ASL voxels outside the M0 get M0 0, which masks them out of CBF. Every case adds a note.
+    """
+    shape = tuple(int(n) for n in shape)
+    name = Path(path).name
+    if m0.shape == shape and np.allclose(m0_affine, affine, atol=AFFINE_ATOL_MM):
+        return m0
+    asl_to_m0 = np.linalg.solve(m0_affine, affine)  # ASL voxel -> M0 voxel
+    if m0.shape == shape:
+        corners = _grid_corners(shape)
+        if np.abs(asl_to_m0 @ corners - corners)[:3].max() <= SAME_GRID_TOLERANCE_VOXELS:
+            moved = float(np.linalg.norm(((m0_affine - affine) @ corners)[:3], axis=0).max())
+            notes.append(
+                f"{name}: header affine differs from the ASL's, but every voxel centre lies within {moved:.2g} mm"
+                " of the ASL's (same voxel grid, header-only change such as a reorientation): used voxel for voxel"
+            )
+            return m0
+    index = np.indices(shape).reshape(3, -1)
+    coords = asl_to_m0[:3, :3] @ index + asl_to_m0[:3, 3:]
+    limits = np.array(m0.shape, float)[:, None] - 0.5
+    inside = np.all((coords > -0.5 - 1e-6) & (coords < limits + 1e-6), axis=0)
+    if not inside.any():
+        raise ASLInputError(
+            path, f"M0 grid {m0.shape} does not match the ASL series {shape} and does not overlap it in world space"
+        )
+    nearest = np.rint(coords)
+    coverage = f"{inside.mean():.0%} of the ASL voxels lie inside the M0" + (
+        "" if inside.all() else " (the others get M0 0: no CBF there)"
+    )
+    if np.abs(coords - nearest).max() <= SAME_GRID_TOLERANCE_VOXELS:
+        out = np.zeros(int(np.prod(shape)), np.float32)
+        out[inside] = m0[tuple(nearest[:, inside].astype(int))]
+        notes.append(f"{name}: M0 stored on the ASL's voxel centres in another extent or order: copied; {coverage}")
+        return out.reshape(shape)
+    out = _resample_trilinear(m0, m0_affine, shape, affine) * inside.reshape(shape)
+    notes.append(
+        f"{name}: M0 on another grid ({m0.shape}): resampled onto the ASL grid by trilinear interpolation in world"
+        f" space (MONAI SpatialResample); {coverage}"
+    )
+    return out.astype(np.float32)
+
+
+def _resample_trilinear(m0: np.ndarray, m0_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray):
+    """MONAI's world-space resampling (imported here: only this rare path needs torch)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    source = MetaTensor(torch.as_tensor(np.asarray(m0, np.float32))[None], affine=torch.as_tensor(m0_affine))
+    resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float64)
+    out = resample(source, dst_affine=torch.as_tensor(affine), spatial_size=shape)
+    return np.asarray(out[0].detach().cpu().numpy(), np.float64)
+
+
+def pair_order_statistic(
+    data: np.ndarray, volume_types: list[str], pair_volumes: Sequence[Sequence[int]], m0: np.ndarray | None
+) -> dict[str, Any] | None:
+    """How control - label behaves inside the head, pair by pair; None without enough head voxels.
+
+    The head is where the reference exceeds :data:`HEAD_FRACTION` of its 99th percentile; the reference
+    is M0, else the mean control image, else (deltam-only series) the magnitude of the mean deltaM,
+    which selects the head whatever the sign. Per pair: the head-mean difference and its z (mean over
+    its standard error across head voxels). In real data control - label is positive in the head in
+    nearly every pair; a median z far below 0 means the aslcontext's order is the wrong way round.
+    """
+    reference, name = _head_reference(data, volume_types, pair_volumes, m0)
+    top = float(np.percentile(reference, 99))
+    head = reference > HEAD_FRACTION * top if top > 0 else np.zeros(reference.shape, bool)
+    count = int(np.count_nonzero(head))
+    if count < SWAP_MIN_HEAD_VOXELS:
+        return None
+    values = data[head]  # (head voxels, volumes)
+    diffs = np.stack([_pair_difference(values, idx, volume_types) for idx in pair_volumes], axis=1)
+    means = diffs.mean(axis=0, dtype=np.float64)
+    errors = diffs.std(axis=0, dtype=np.float64) / math.sqrt(count)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(errors > 0, means / errors, np.sign(means) * np.inf)
+    z = np.nan_to_num(z, nan=0.0)
+    level = float(reference[head].mean())
+    return {
+        "reference": name,
+        "head_voxels": count,
+        "pairs": len(pair_volumes),
+        "negative_pairs": int(np.count_nonzero(means < 0)),
+        "median_z": float(np.median(z)),
+        "median_relative_difference": float(np.median(means) / level),
+    }
+
+
+def _head_reference(data, volume_types, pair_volumes, m0) -> tuple[np.ndarray, str]:
+    if m0 is not None:
+        return m0, "M0"
+    control = mean_control(data, volume_types, pair_volumes)
+    if control is not None:
+        return control, "mean control"
+    deltam = np.mean([_pair_difference(data, idx, volume_types) for idx in pair_volumes], axis=0)
+    return np.abs(deltam), "|mean deltaM|"
+
+
+def _refuse_swapped_order(order: dict[str, Any] | None, volume_types: list[str], aslcontext, asl_path) -> None:
+    """ASLInputError when :func:`pair_order_statistic` says control - label is negative in the head:
+    CBF would read negative and the enhanced map collapse (issue 18)."""
+    if order is None or order["median_z"] >= -SWAP_Z:
+        return
+    evidence = (
+        f"inside the head in {order['negative_pairs']} of {order['pairs']} pairs (median head mean "
+        f"{order['median_relative_difference']:+.2%} of the {order['reference']} level, median z "
+        f"{order['median_z']:.0f})"
+    )
+    if "control" not in volume_types:
+        raise ASLInputError(asl_path, f"deltam is negative {evidence}: the volumes look like label - control")
+    raise ASLInputError(aslcontext, f"control - label is negative {evidence}: the control/label order looks swapped")
 
 
 def sidecar_number(sidecar: dict[str, Any], key: str, source: str | Path, default: float | None = None) -> float | None:

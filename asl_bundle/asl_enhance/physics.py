@@ -23,7 +23,9 @@ LABELING_EFFICIENCY = {"PCASL": 0.85, "CASL": 0.85, "PASL": 0.98}
 #: efficiency kept by each background-suppression inversion pulse (common convention)
 BS_EFFICIENCY_PER_PULSE = 0.95
 DEFAULT_LABELING_DURATION_S = 1.8
-DEFAULT_PLD_S = 1.8
+#: no ASL timing (PLD, inversion time, labeling or bolus duration, slice time) reaches this many seconds:
+#: a larger value in a sidecar can only be milliseconds (the longest PLDs in use are about 4 s)
+MAX_ASL_TIMING_S = 10.0
 
 LABELING_TYPES = ("PCASL", "CASL", "PASL")
 

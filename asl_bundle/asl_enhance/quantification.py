@@ -12,9 +12,19 @@ Conventions (stated in every CBF sidecar):
   (``BackgroundSuppressionNumberPulses`` or the length of ``BackgroundSuppressionPulseTime``).
 - M0 is divided by ``1 - exp(-TR / T1 of grey matter)`` whenever the M0's ``RepetitionTimePreparation``
   is known (the factor is ~1 for long TR, so "short" needs no threshold). ``M0Estimate`` is used as is.
+  A ``RepetitionTimePreparation`` of 0 is read as unknown, not as an error: converters write 0 as a
+  placeholder (the ds000240 sidecar does; ASLPrep had the same bug), and refusing cost the series its
+  CBF. Unknown means: the separate M0's own sidecar value when it has one, else full recovery (noted).
 - ``PostLabelingDelay`` given as a list whose length equals the number of slices is per slice (2D
   readouts), applied along the last (slice) axis. A list with one value per volume is per volume;
   when the pairs used have different PLDs (multi-PLD series) no CBF is computed: CBF is single-PLD.
+- For 2D readouts (``MRAcquisitionType`` 2D) a single PLD plus ``SliceTiming`` gives the per-slice
+  PLD ``PLD + SliceTiming[slice]`` (the BIDS definition), along the image's third axis.
+- Timings (PLD, LabelingDuration, BolusCutOffDelayTime, SliceTiming) above
+  :data:`physics.MAX_ASL_TIMING_S` are read as milliseconds and converted, with a note. Why convert
+  rather than refuse: BIDS says seconds, but no ASL timing comes near 10 s, so a value such as 1800
+  has exactly one reading; refusing would cost the user the CBF for a unit slip that the note makes
+  visible. A value that is implausible in both units is refused.
 """
 
 from __future__ import annotations
@@ -116,6 +126,32 @@ def _number_list(sidecar: dict, key: str, path: str | Path) -> float | list[floa
     return sidecar_number(sidecar, key, path)
 
 
+def _in_seconds(value, key: str, path: str | Path, notes: list[str]):
+    """A timing (number or list) in seconds: values above :data:`physics.MAX_ASL_TIMING_S` are
+    milliseconds (see the module docstring) and are converted with a note; None stays None."""
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if max(values) <= physics.MAX_ASL_TIMING_S:
+        return value
+    converted = [v / 1000.0 for v in values]
+    if max(converted) > physics.MAX_ASL_TIMING_S:
+        raise ASLInputError(path, f"{key} {_brief(value)} is not a plausible ASL timing in seconds or milliseconds")
+    notes.append(
+        f"{key} {_brief(value)} is above {physics.MAX_ASL_TIMING_S:g} s, which no ASL timing reaches: read as"
+        f" milliseconds ({_brief(converted if isinstance(value, list) else converted[0])} s; BIDS uses seconds)"
+    )
+    return converted if isinstance(value, list) else converted[0]
+
+
+def _brief(value) -> str:
+    """A number or list for a one-line message (long lists shortened)."""
+    if not isinstance(value, list):
+        return f"{value:g}"
+    shown = ", ".join(f"{v:g}" for v in value[:4])
+    return f"[{shown}{', ...' if len(value) > 4 else ''}]"
+
+
 def _positive(value: float | None, key: str, path: str | Path, upper: float | None = None) -> float | None:
     if value is not None and (value <= 0 or (upper is not None and value > upper)):
         limit = f"in (0, {upper}]" if upper is not None else "positive"
@@ -149,6 +185,7 @@ def parse_parameters(
 
     pld, refusal = _parse_pld(sidecar, path, num_slices, volume_types, used_volumes, notes)
     src["PostLabelingDelay"] = SIDECAR
+    pld = _slice_timing_pld(sidecar, path, pld, num_slices, notes, src)
 
     labeling_duration = bolus_duration = None
     if labeling_type == "PASL":
@@ -156,7 +193,7 @@ def parse_parameters(
             raise ASLInputError(
                 path, "PASL without bolus cut-off (BolusCutOffFlag false): white-paper CBF needs QUIPSS II / Q2TIPS"
             )
-        cutoff = _number_list(sidecar, "BolusCutOffDelayTime", path)
+        cutoff = _in_seconds(_number_list(sidecar, "BolusCutOffDelayTime", path), "BolusCutOffDelayTime", path, notes)
         if cutoff is None:
             raise ASLInputError(path, "PASL needs BolusCutOffDelayTime (the bolus duration TI1) for CBF")
         if isinstance(cutoff, list):
@@ -165,7 +202,8 @@ def parse_parameters(
         bolus_duration = _positive(cutoff, "BolusCutOffDelayTime", path)
         src["BolusCutOffDelayTime"] = SIDECAR
     else:
-        tau = _positive(sidecar_number(sidecar, "LabelingDuration", path), "LabelingDuration", path)
+        tau = _in_seconds(sidecar_number(sidecar, "LabelingDuration", path), "LabelingDuration", path, notes)
+        tau = _positive(tau, "LabelingDuration", path)
         labeling_duration = physics.DEFAULT_LABELING_DURATION_S if tau is None else tau
         src["LabelingDuration"] = DEFAULT if tau is None else SIDECAR
 
@@ -215,7 +253,7 @@ def _parse_pld(sidecar, path, num_slices, volume_types, used_volumes, notes) -> 
     """PLD as one number or per slice; per-volume PLDs reduce to the single PLD of the pairs used."""
     if sidecar.get("PostLabelingDelay") is None:
         raise ASLInputError(path, "sidecar field PostLabelingDelay is missing: CBF cannot be quantified without it")
-    pld = _number_list(sidecar, "PostLabelingDelay", path)
+    pld = _in_seconds(_number_list(sidecar, "PostLabelingDelay", path), "PostLabelingDelay", path, notes)
     values = pld if isinstance(pld, list) else [pld]
     if any(v is None or v < 0 for v in values):
         raise ASLInputError(path, f"PostLabelingDelay must not be negative, got {pld}")
@@ -235,6 +273,47 @@ def _parse_pld(sidecar, path, num_slices, volume_types, used_volumes, notes) -> 
         + (f" and {num_volumes} volumes" if num_volumes is not None else "")
         + ": expected one value, one per slice, or one per volume",
     )
+
+
+def _slice_timing_pld(sidecar, path, pld, num_slices, notes, src) -> float | list[float]:
+    """Per-slice PLD = PLD + SliceTiming for 2D readouts with a single PLD (BIDS definition); the PLD
+    unchanged otherwise. Slice times run along the image's third axis (SliceEncodingDirection k, or
+    reversed for k-); another slice axis or a length mismatch is refused."""
+    timing = sidecar.get("SliceTiming")
+    if str(sidecar.get("MRAcquisitionType", "")).upper() != "2D":
+        if timing is not None:
+            notes.append("SliceTiming ignored: MRAcquisitionType is not 2D, so every slice has the same PLD")
+        return pld
+    if isinstance(pld, list):
+        if timing is not None:
+            notes.append("SliceTiming not added: PostLabelingDelay is already given per slice")
+        return pld
+    if timing is None:
+        notes.append("2D readout without SliceTiming: one PLD for every slice (CBF of later slices reads low)")
+        return pld
+    times = _number_list(sidecar, "SliceTiming", path)
+    if not isinstance(times, list):
+        raise ASLInputError(path, f"sidecar field SliceTiming must be a list of per-slice times, got {timing!r}")
+    times = _in_seconds(times, "SliceTiming", path, notes)
+    if min(times) < 0:
+        raise ASLInputError(path, f"SliceTiming must not be negative, got {_brief(times)}")
+    direction = sidecar.get("SliceEncodingDirection", "k")
+    if direction not in ("k", "k-"):
+        raise ASLInputError(
+            path, f"SliceEncodingDirection {direction!r}: slice times can only be applied along the third axis (k)"
+        )
+    if len(times) != num_slices:
+        raise ASLInputError(
+            path, f"SliceTiming has {len(times)} values but the image has {num_slices} slices along its third axis"
+        )
+    if direction == "k-":  # BIDS: the first entry is then the slice with the highest index
+        times = times[::-1]
+    src["PostLabelingDelay"] = "sidecar (PostLabelingDelay + SliceTiming)"
+    notes.append(
+        f"2D readout: per-slice PLD = PostLabelingDelay + SliceTiming ({pld + min(times):.3g} to"
+        f" {pld + max(times):.3g} s) along the third axis"
+    )
+    return [float(pld) + t for t in times]
 
 
 def _single_pld_of_pairs(pld, volume_types, used_volumes, path, notes) -> tuple[float | list[float], str]:
@@ -315,13 +394,11 @@ def _parse_m0(sidecar, path, m0_source, m0_sidecar, m0_sidecar_path, src, notes)
         src["M0Estimate"] = SIDECAR
     m0_tr = None
     if m0_type == "Included":
-        m0_tr = _included_m0_tr(sidecar, path)
+        m0_tr = _included_m0_tr(sidecar, path, notes)
         src["M0RepetitionTimePreparation"] = "sidecar (RepetitionTimePreparation)"
     elif m0_type == "Separate":
-        m0_tr = _positive(
-            sidecar_number(m0_sidecar or {}, "RepetitionTimePreparation", m0_sidecar_path),
-            "RepetitionTimePreparation",
-            m0_sidecar_path,
+        m0_tr = _known_tr(
+            sidecar_number(m0_sidecar or {}, "RepetitionTimePreparation", m0_sidecar_path), m0_sidecar_path, notes
         )
         src["M0RepetitionTimePreparation"] = "m0scan sidecar (RepetitionTimePreparation)"
     if m0_type in ("Included", "Separate") and m0_tr is None:
@@ -331,11 +408,19 @@ def _parse_m0(sidecar, path, m0_source, m0_sidecar, m0_sidecar_path, src, notes)
     return m0_type, estimate, m0_tr
 
 
-def _included_m0_tr(sidecar, path) -> float | None:
+def _included_m0_tr(sidecar, path, notes) -> float | None:
     """TR of included M0 volumes: one number, or (per-volume list) the largest value."""
     value = _number_list(sidecar, "RepetitionTimePreparation", path)
     if isinstance(value, list):
         value = max(value)
+    return _known_tr(value, path, notes)
+
+
+def _known_tr(value: float | None, path, notes: list[str]) -> float | None:
+    """An M0 TR, with 0 read as unknown (None) and noted (see the module docstring); negative is an error."""
+    if value == 0:
+        notes.append(f"RepetitionTimePreparation 0 in {Path(path).name}: read as unknown (a converter placeholder)")
+        return None
     return _positive(value, "RepetitionTimePreparation", path)
 
 
@@ -444,21 +529,28 @@ class SeriesCBF:
     params: QuantificationParameters | None
     maps: dict[str, np.ndarray]
     reason: str = ""
+    input_notes: list[str] = field(default_factory=list)  # what the reader assumed (ASLSeries.notes)
 
     def deltam_fields(self) -> dict[str, Any]:
-        """What a deltaM sidecar says about quantification (why CBF is missing, when it is)."""
-        if self.maps:
-            return {"CBFWritten": True}
-        return {"CBFWritten": False, "CBFNotComputedReason": self.reason}
+        """What a deltaM sidecar says about quantification (why CBF is missing, when it is) and what
+        the reader assumed about the inputs (an M0 resampled onto the ASL grid, say), when anything."""
+        fields: dict[str, Any] = {"CBFWritten": bool(self.maps)}
+        if not self.maps:
+            fields["CBFNotComputedReason"] = self.reason
+        if self.input_notes:
+            fields["InputNotes"] = list(self.input_notes)
+        return fields
 
 
 def quantify_series(item: dict[str, Any], deltam: dict[str, np.ndarray], m0: np.ndarray | None) -> SeriesCBF:
     """CBF of each deltaM map of a series (an inference data item); input problems become a reason.
 
     Why not raise: deltaM maps are valid without CBF, so a bad quantification field must not cost
-    the series its outputs; the reason goes into the deltaM sidecars and the log instead.
+    the series its outputs; the reason goes into the deltaM sidecars and the log instead. The item's
+    ``input_notes`` (a JSON list: :attr:`bids.ASLSeries.notes`) go into every sidecar's notes.
     """
     first = next(iter(deltam.values()))
+    input_notes = _input_notes(item)
     try:
         sidecar_path = item.get("sidecar") or "<sidecar>"
         sidecar = json.loads(item["sidecar_json"]) if item.get("sidecar_json") else read_sidecar(sidecar_path)
@@ -477,9 +569,18 @@ def quantify_series(item: dict[str, Any], deltam: dict[str, np.ndarray], m0: np.
             m0_sidecar_path=m0_sidecar_path,
         )
     except ASLInputError as err:
-        return SeriesCBF(None, {}, f"quantification parameters: {err}")
+        return SeriesCBF(None, {}, f"quantification parameters: {err}", input_notes)
+    params.notes[:0] = input_notes
     if params.cbf_refusal:
-        return SeriesCBF(params, {}, params.cbf_refusal)
+        return SeriesCBF(params, {}, params.cbf_refusal, input_notes)
     if params.m0_type in ("Included", "Separate") and m0 is None:
-        return SeriesCBF(params, {}, f"M0Type {params.m0_type} but no M0 image was read")
-    return SeriesCBF(params, {key: compute_cbf(value, m0, params) for key, value in deltam.items()})
+        return SeriesCBF(params, {}, f"M0Type {params.m0_type} but no M0 image was read", input_notes)
+    return SeriesCBF(params, {key: compute_cbf(value, m0, params) for key, value in deltam.items()}, "", input_notes)
+
+
+def _input_notes(item: dict[str, Any]) -> list[str]:
+    """The reader's notes carried by a data item (a JSON list, or a list); [] when absent."""
+    notes = item.get("input_notes") or []
+    if isinstance(notes, str):
+        notes = json.loads(notes)
+    return [str(n) for n in notes]
