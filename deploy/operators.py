@@ -4,6 +4,10 @@ operator adapted to ASL series and float outputs, and a NIfTI writer that keeps 
 Why not the stock operators alone: the SDK's ``NiftiDataLoader`` drops the affine and knows nothing of
 aslcontext.tsv (which volumes are control, label, M0), its ``MonaiBundleInferenceOperator`` casts "image"
 outputs to uint8 (deltaM is signed float), and the wheel has no NIfTI writer.
+
+One bad series never stops the others: each operator processes its series one by one
+(:func:`asl_enhance.failures.process_each_series`) and adds a line naming the file of each one that
+failed to the app's shared ``failures`` list; the app exits with status 1 when it is not empty.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from asl_enhance.bids import ASL_SUFFIXES, find_asl_series
-from asl_enhance.outputs import safe_output_path, write_json, write_nifti
+from asl_enhance.failures import process_each_series
+from asl_enhance.writers import write_deltam_maps
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from monai.deploy.core.io_type import IOType
 from monai.deploy.operators.monai_bundle_inference_operator import (
@@ -47,17 +52,26 @@ def list_series(input_path: str | Path) -> list[dict[str, str]]:
 
 
 class ASLSeriesLoaderOperator(Operator):
-    """Emits the data items (paths and BIDS context, no voxels yet) of the series in ``input_path``."""
+    """Emits the data items (paths and BIDS context, no voxels yet) of the series in ``input_path``;
+    an input with no series is a failure (added to ``failures``) and an empty list."""
 
-    def __init__(self, fragment: Fragment, *args: Any, input_path: Path, **kwargs: Any):
+    def __init__(
+        self, fragment: Fragment, *args: Any, input_path: Path, failures: list[str] | None = None, **kwargs: Any
+    ):
         self.input_path = Path(input_path)
+        self.failures = failures if failures is not None else []
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.output("series")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        items = list_series(self.input_path)
+        try:
+            items = list_series(self.input_path)
+        except (ValueError, OSError) as err:
+            self.failures.append(" ".join(str(err).split()))
+            logger.error("no series: %s", self.failures[-1])
+            items = []
         logger.info("found %d ASL series under %s", len(items), self.input_path)
         op_output.emit(items, "series")
 
@@ -72,8 +86,16 @@ class ASLBundleInferenceOperator(MonaiBundleInferenceOperator):
     many pairs to use, like the bundle's ``--num_pairs``; default all.
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, num_pairs: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        num_pairs: int | None = None,
+        failures: list[str] | None = None,
+        **kwargs: Any,
+    ):
         self.num_pairs = num_pairs
+        self.failures = failures if failures is not None else []
         kwargs.setdefault("input_mapping", [IOMapping("series", object, IOType.IN_MEMORY)])
         kwargs.setdefault("output_mapping", [IOMapping("pred", object, IOType.IN_MEMORY)])
         super().__init__(fragment, *args, **kwargs)
@@ -110,22 +132,20 @@ class ASLBundleInferenceOperator(MonaiBundleInferenceOperator):
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         self._ensure_model()
-        results, failed = [], []
-        for item in op_input.receive("series"):
-            data = self.pre_process(dict(item))
-            if data.get("error"):
-                failed.append(f"{item['asl']}: {data['error']}")
-                continue
-            image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)[None].to(self._device)
-            with torch.no_grad():
-                pred = self.predict(image)[0]  # (1, X, Y, Z): one series, batch dimension dropped
-            out = self.post_process(pred, **{self.kw_preprocessed_inputs: data})
-            results.append(self._result(data, out["pred"]))
-        for message in failed:
-            logger.error("series not processed: %s", message)
-        if failed and not results:
-            raise RuntimeError(f"no series could be processed: {failed}")
+        results, failed = process_each_series(op_input.receive("series"), self._enhance, "not processed")
+        self.failures += failed
         self._send_output(results, "pred", {}, op_output, context)
+
+    def _enhance(self, item: dict) -> dict:
+        """One series through the bundle's preprocessing, the network and its postprocessing."""
+        data = self.pre_process(dict(item))
+        if data.get("error"):  # the bundle's reader refused it: its line names the file
+            raise ValueError(data["error"])
+        image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)[None].to(self._device)
+        with torch.no_grad():
+            pred = self.predict(image)[0]  # (1, X, Y, Z): one series, batch dimension dropped
+        out = self.post_process(pred, **{self.kw_preprocessed_inputs: data})
+        return self._result(data, out["pred"])
 
     @staticmethod
     def _result(data: dict, pred: Any) -> dict:
@@ -137,6 +157,8 @@ class ASLBundleInferenceOperator(MonaiBundleInferenceOperator):
             "rel_dir": data["rel_dir"],
             "stem": data["stem"],
             "asl": data["asl"],
+            "dataset_dir": data.get("dataset_dir", ""),
+            "m0scan": data.get("m0scan", ""),
             "pairs_used": [i + 1 for i in json.loads(data["input_pairs"])],
             "total_pairs": int(data["total_pairs"]),
         }
@@ -148,35 +170,38 @@ class ASLBundleInferenceOperator(MonaiBundleInferenceOperator):
 
 class ASLNiftiWriterOperator(Operator):
     """Writes ``<rel_dir>/<stem>_desc-{enhanced,mean}_deltam.nii.gz`` (float32, the input's affine) and a
-    JSON sidecar, mirroring the input's folders as the bundle's inference does."""
+    JSON sidecar, mirroring the input's folders as the bundle's inference does; each series complete or
+    absent (:func:`asl_enhance.writers.write_deltam_maps`)."""
 
-    def __init__(self, fragment: Fragment, *args: Any, output_path: Path, version: str = "", **kwargs: Any):
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_path: Path,
+        version: str = "",
+        failures: list[str] | None = None,
+        **kwargs: Any,
+    ):
         self.output_path, self.version = Path(output_path), version
+        self.failures = failures if failures is not None else []
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("pred")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        for result in op_input.receive("pred"):
-            for desc in ("enhanced", "mean"):
-                name = f"{result['stem']}_desc-{desc}_deltam.nii.gz"
-                path = safe_output_path(self.output_path, result["rel_dir"], name)
-                write_nifti(path, result[desc], result["affine"])
-                write_json(
-                    path.with_name(path.name.replace(".nii.gz", ".json")),
-                    {
-                        "Description": "deltaM (control - label) enhanced by the ASL bundle's network"
-                        if desc == "enhanced"
-                        else "plain mean of the pair differences used (control - label)",
-                        "Units": "same as control - label of the source series",
-                        "Sources": [str(Path(result["rel_dir"]) / Path(result["asl"]).name)],
-                        "PairsUsed": result["pairs_used"],
-                        "TotalPairsInSeries": result["total_pairs"],
-                        "GeneratedBy": {"Name": "asl_bundle MONAI Deploy app", "Version": self.version},
-                    },
-                )
-            logger.info("wrote %s", path.parent)
+        written, failed = process_each_series(op_input.receive("pred"), self._write, "outputs not written")
+        self.failures += failed
+        logger.info("wrote %d series under %s", len(written), self.output_path)
+
+    def _write(self, result: dict) -> list[Path]:
+        fields = {
+            "PairsUsed": result["pairs_used"],
+            "TotalPairsInSeries": result["total_pairs"],
+            "GeneratedBy": {"Name": "asl_bundle MONAI Deploy app", "Version": self.version},
+        }
+        maps = {desc: result[desc] for desc in ("enhanced", "mean")}
+        return write_deltam_maps(self.output_path, result, maps, result["affine"], fields)
 
 
 def num_pairs_from_env() -> int | None:

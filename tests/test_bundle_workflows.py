@@ -230,11 +230,12 @@ def test_inference_writes_exactly_the_contract(inference_run):
         ok = (
             any(name.startswith(f"{s}_desc-") for s in stems)
             or name.endswith("_qc.png")
-            or name == "dataset_description.json"
+            or name in ("dataset_description.json", ".bidsignore")
             or name.endswith(".tsv")
         )
         assert ok, f"unexpected output {path}"
-    assert not [p for p in files if p.name.startswith(".") or "partial" in p.name or p.name.endswith(".tmp")]
+    leftovers = [p for p in files if p.name != ".bidsignore" and (p.name.startswith(".") or "partial" in p.name)]
+    assert not leftovers and not [p for p in files if p.name.endswith(".tmp")]
     # nested input folders are mirrored
     assert (out / "sub-01" / "ses-1" / "perf").is_dir() and (out / "sub-03" / "ses-2" / "perf").is_dir()
 
@@ -260,7 +261,7 @@ def test_inference_values_affine_shape_dtype(inference_run, weights):
             assert sidecar["TotalPairsInSeries"] == len(_hand_pairs(volumes, types))
             assert sidecar["GeneratedBy"]["Version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
             assert sidecar["Settings"]["num_pairs"] == 3
-            assert sidecar["Sources"] == [str(Path(rel) / f"{stem}_asl.nii.gz")]
+            assert sidecar["Sources"][0] == f"bids:raw:{rel}/{stem}_asl.nii.gz"  # a BIDS URI (DatasetLinks: raw)
     m0_sources = {
         stem: json.loads((out / rel / f"{stem}_desc-mean_deltam.json").read_text())["M0Source"] for rel, stem in cases
     }

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore", "ASL_NUM_PAIRS": "2"}
 ENV.pop("PYTHONPATH", None)  # the deploy venv must not see the project venv's packages
+ENV["PYTHONPATH"] = str(ROOT / "asl_bundle")  # asl_enhance, as deploy/app.py documents
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +89,8 @@ def test_app_in_process_with_holoscan_env(case, tmp_path):
     out = tmp_path / "out"
     env = {**ENV, "HOLOSCAN_INPUT_PATH": str(case["data"]), "HOLOSCAN_OUTPUT_PATH": str(out),
            "HOLOSCAN_MODEL_PATH": str(case["model"])}  # fmt: skip
-    code = f"import sys; sys.argv = ['app.py']; sys.path.insert(0, {str(ROOT / 'deploy')!r}); " \
-           "from app import ASLEnhanceApp; ASLEnhanceApp().run()"  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "deploy"), env["PYTHONPATH"]])  # where app.py is
+    code = "import sys; sys.argv = ['app.py']; from app import ASLEnhanceApp; ASLEnhanceApp().run()"
     result = subprocess.run([str(DEPLOY_PY), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -82,12 +82,16 @@ def test_series_row_is_median_over_groups():
         "ssim": 0.0,
         "gaussian_sigma_mm": "",
     }
-    for g, (err, single) in enumerate([(0.1, 0.3), (0.5, 0.4), (0.2, 0.5)]):
-        writer.rows.append({**base, "input_group": g, "nmse_corrected": err, "single_pair_nmse": single})
+    for g, err in enumerate([0.1, 0.5, 0.2]):
+        writer.rows.append({**base, "input_group": g, "nmse_corrected": err})
+    # the series' own n-pair mean error curve (n = 1, 2, 4): effective pairs are read off it
+    writer.curves["s"] = metrics.MeanErrorCurve((1, 2, 4), (0.8, 0.4, 0.2), (8, 4, 2))
     (row,) = writer.series_rows()
     assert row["num_groups"] == 3
     assert row["nmse_corrected"] == pytest.approx(0.2)  # median of 0.1, 0.5, 0.2
-    assert row["effective_pairs"] == pytest.approx(0.4 / 0.2)  # median single / median error
+    assert row["effective_pairs"] == pytest.approx(4.0)  # where the curve reaches the median error
+    assert row["effective_pairs_min"] == pytest.approx(0.8 / 0.5)  # the worst group, between n = 1 and 2
+    assert row["effective_pairs_max"] == pytest.approx(8.0)  # the best group, 1/n beyond the curve
 
 
 @pytest.mark.parametrize("k", [2, 4])

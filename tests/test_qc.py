@@ -74,7 +74,7 @@ def test_writer_outputs_cbf_qc_and_derivative_files(tmp_path, dataset):
         assert image.get_data_dtype() == np.float32
         np.testing.assert_allclose(image.affine, AFFINE)
         sidecar = json.loads((perf / f"sub-01_desc-{desc}_cbf.json").read_text())
-        assert sidecar["Units"] == "ml/100g/min" and sidecar["NumPairsUsed"] == 2
+        assert sidecar["Units"] == "mL/100 g/min" and sidecar["NumPairsUsed"] == 2  # BIDS/ASLPrep spelling
         assert sidecar["ParameterSources"]["PostLabelingDelay"] == "sidecar"
         assert sidecar["ParameterSources"]["LabelingEfficiency"] == "default"
     # CBF of the written mean deltaM and the series' M0 volume, by hand (3 T PCASL, PLD = tau = 1.8 s)

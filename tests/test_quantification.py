@@ -151,7 +151,7 @@ def test_sources_say_sidecar_or_default():
     assert fields["ParameterSources"]["LabelingEfficiency"] == "sidecar"
     assert fields["ParameterSources"]["PostLabelingDelay"] == "sidecar"
     assert fields["ParameterSources"]["T1Blood"] == "default" and fields["T1Blood"] == 1.65
-    assert fields["Units"] == CBF_UNITS_TEXT == "ml/100g/min"
+    assert fields["Units"] == CBF_UNITS_TEXT == "mL/100 g/min"
     json.dumps(fields)  # sidecar must be plain JSON
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 
 from . import metrics as asl_metrics
+from .failures import SeriesProgress
 from .items import batch_items, to_numpy, volume, voxel_sizes
 from .outputs import write_text
 from .smoothing import gaussian_smooth, self_tuned_sigma_mm, sigma_in_voxels
@@ -26,18 +27,27 @@ EVALUATION_COLUMNS = (
     "nmse_other",
     "nmse_corrected",
     "effective_pairs",
+    "effective_pairs_min",
+    "effective_pairs_max",
     "psnr",
     "ssim",
     "gaussian_sigma_mm",
+    "sd_coverage_95",
+    "sd_mean_z2",
 )
+#: the SD map's scores (enhanced only, where ``pred_sd`` exists; see :func:`sd_scores`)
+SD_COLUMNS = ("sd_coverage_95", "sd_mean_z2")
 
 
 class ASLEvaluationWriter:
     """Scores ``enhanced`` (``pred``), ``mean`` (``input_mean``) and the self-tuned ``gaussian``
     against the mean of all pairs and of the unused pairs (noise-corrected), and writes
     ``evaluation.csv`` with a row per series and method plus an ``ALL`` row per method. With disjoint
-    input groups (``SelectPairsd`` mode ``groups``) a series' row holds the median over its groups,
-    and its effective pairs come from the median error (robust to one group's motion or drift)."""
+    input groups (``SelectPairsd`` mode ``groups``) a series' row holds the median over its groups
+    (robust to one group's motion or drift). Its effective pairs are the n at which the same scan's
+    n-pair mean reaches the median error (:func:`~asl_enhance.metrics.pairs_for_error` on the
+    series' :func:`~asl_enhance.metrics.mean_error_curve`), with the lowest and highest over its
+    groups beside it."""
 
     def __init__(
         self,
@@ -48,17 +58,27 @@ class ASLEvaluationWriter:
         self.path = Path(output_dir) / filename
         self.methods = tuple(methods)
         self.rows: list[dict] = []
+        self.pair_values: dict[str, np.ndarray] = {}  # per series: its pairs inside the mask
+        self.curves: dict[str, asl_metrics.MeanErrorCurve] = {}  # per series: its n-pair mean's error
+        self.progress = SeriesProgress()
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
+        self.progress.attach(engine)
+        engine.add_event_handler(
+            Events.EPOCH_STARTED, lambda _: (self.rows.clear(), self.curves.clear(), self.pair_values.clear())
+        )
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
     def __call__(self, engine: Engine) -> None:
-        for item in batch_items(engine):
+        items = batch_items(engine)
+        for item in items:
             if item.get("error"):
                 continue  # a series that failed to load: SeriesFailureReport names it
             self.rows += self.score_series(item)
+        if items:  # the input groups of one series arrive together: one progress line for them
+            failed = any(item.get("error") for item in items)
+            self.progress.report(engine, items[0], "FAILED to load" if failed else f"scored, {len(items)} groups")
 
     def score_series(self, item: dict) -> list[dict]:
         """One row per method for one series (all deltaM in the input's units)."""
@@ -67,7 +87,9 @@ class ASLEvaluationWriter:
         mask = volume(item["mask"]) > 0
         reference, ref_var = volume(item["other_mean"]), volume(item["target_noise_var"])
         all_mean = pairs.mean(axis=0)
-        single = asl_metrics.per_pair_nmse(volume(item["pair_noise_var"]), reference, ref_var, mask)
+        series = str(Path(item["rel_dir"]) / item["stem"])
+        if series not in self.pair_values:  # once per series: all its pairs, for the n-pair mean's error curve
+            self.pair_values[series] = pairs[:, mask][:, :, None, None]
         estimates, sigma = self._estimates(item, pairs[used], mask)
         rows = []
         for method, estimate in estimates.items():
@@ -75,20 +97,19 @@ class ASLEvaluationWriter:
             psnr, ssim = asl_metrics.psnr_ssim(estimate, reference, mask)
             rows.append(
                 {
-                    "series": str(Path(item["rel_dir"]) / item["stem"]),
+                    "series": series,
                     "method": method,
                     "input_group": int(to_numpy(item.get("input_group", 0))),
-                    "single_pair_nmse": single,
                     "num_pairs": len(used),
                     "total_pairs": pairs.shape[0],
                     "num_groups": 1,
                     "nmse_all": asl_metrics.nmse(estimate, all_mean, mask),
                     "nmse_other": asl_metrics.nmse(estimate, reference, mask),
                     "nmse_corrected": corrected,
-                    "effective_pairs": asl_metrics.effective_pairs(corrected, single),
                     "psnr": psnr,
                     "ssim": ssim,
                     "gaussian_sigma_mm": sigma if method == "gaussian" else "",
+                    **(sd_scores(item, estimate, reference, ref_var, mask) if method == "enhanced" else {}),
                 }
             )
         return rows
@@ -102,22 +123,34 @@ class ASLEvaluationWriter:
             estimates["gaussian"] = gaussian_smooth(estimates["mean"], sigma_in_voxels(sigma, voxels))
         return {k: v for k, v in estimates.items() if k in self.methods}, sigma
 
+    def _curve(self, series: str, num_groups: int) -> asl_metrics.MeanErrorCurve:
+        """The series' n-pair mean curve over as many groups as its methods were scored on."""
+        if series not in self.curves:
+            values = self.pair_values[series]
+            mask = np.ones(values.shape[1:], bool)
+            self.curves[series] = asl_metrics.mean_error_curve(values, mask, max_groups=num_groups)
+        return self.curves[series]
+
     def series_rows(self) -> list[dict]:
-        """One row per series and method: the median over its input groups of every score, the
-        effective pairs from the median error and the median single-pair error."""
+        """One row per series and method: the median over its input groups of every score; the
+        effective pairs of the median error on the series' n-pair mean curve, and the lowest and
+        highest of its groups' effective pairs (their spread)."""
         groups: dict[tuple[str, str], list[dict]] = {}
         for row in self.rows:
             groups.setdefault((row["series"], row["method"]), []).append(row)
         result = []
-        for rows in groups.values():
+        for (series, _), rows in groups.items():
             merged = dict(rows[0], num_groups=len(rows))
             merged.pop("input_group", None)
-            for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim", "single_pair_nmse"):
+            for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim"):
                 merged[key] = float(np.median([r[key] for r in rows]))
             if merged["gaussian_sigma_mm"] != "":
                 merged["gaussian_sigma_mm"] = float(np.median([r["gaussian_sigma_mm"] for r in rows]))
-            single = merged["single_pair_nmse"]
-            merged["effective_pairs"] = asl_metrics.effective_pairs(merged["nmse_corrected"], single)
+            curve = self._curve(series, len(rows))
+            merged["effective_pairs"] = asl_metrics.pairs_for_error(curve, merged["nmse_corrected"])
+            per_group = [asl_metrics.pairs_for_error(curve, r["nmse_corrected"]) for r in rows]
+            merged["effective_pairs_min"], merged["effective_pairs_max"] = min(per_group), max(per_group)
+            merged.update(_sd_reduce(rows, np.median))
             result.append(merged)
         return result
 
@@ -149,9 +182,45 @@ class ASLEvaluationWriter:
                 "total_pairs": "",
                 "num_groups": "",
                 "gaussian_sigma_mm": "",
+                "effective_pairs_min": "",
+                "effective_pairs_max": "",
             }
             for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim"):
                 total[key] = float(np.mean([r[key] for r in rows]))
             total["effective_pairs"] = float(np.median([r["effective_pairs"] for r in rows]))
+            total.update(_sd_reduce(rows, np.mean))
             totals.append(total)
         return totals
+
+
+def local_reference_variance(ref_var: np.ndarray) -> np.ndarray:
+    """The reference's noise variance averaged over the SD map's window (uncertainty.WINDOW). Per voxel
+    it comes from the few unused pairs (chi-square with N - k - 1 degrees of freedom); z^2 divides by
+    it, and dividing by a noisy variance inflates z^2 (without bound for 2 reference pairs), while the
+    local average, like the SD map itself, has many degrees of freedom."""
+    from .uncertainty import WINDOW
+
+    return gaussian_smooth(np.asarray(ref_var, np.float32), WINDOW)
+
+
+def sd_scores(
+    item: dict, estimate: np.ndarray, reference: np.ndarray, ref_var: np.ndarray, mask: np.ndarray
+) -> dict[str, float]:
+    """How well the enhanced map's SD (``pred_sd``) covers its error against the unused pairs' mean,
+    whose own noise variance ``ref_var`` (locally averaged, :func:`local_reference_variance`) is
+    added: the fraction of head voxels with |error| <= 1.96 * sqrt(sd^2 + ref_var) (0.95 when
+    calibrated) and the mean z^2 (1 when calibrated); {} without a map."""
+    if item.get("pred_sd") is None:
+        return {}
+    variance = volume(item["pred_sd"]).astype(np.float64) ** 2 + local_reference_variance(ref_var)
+    z2 = (np.asarray(estimate, np.float64) - reference)[mask] ** 2 / np.maximum(variance[mask], 1e-30)
+    return {"sd_coverage_95": float(np.mean(z2 <= 1.96**2)), "sd_mean_z2": float(np.mean(z2))}
+
+
+def _sd_reduce(rows: list[dict], reduce) -> dict[str, float]:
+    """The SD scores of several rows reduced (median over input groups, mean over series); {} if none has them."""
+    return {
+        key: float(reduce([r[key] for r in rows if r.get(key, "") != ""]))
+        for key in SD_COLUMNS
+        if any(r.get(key, "") != "" for r in rows)
+    }

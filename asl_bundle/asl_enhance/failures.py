@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ignite.engine import Engine, Events
 
 from .bids import ASLInputError, find_asl_series, load_asl_series
 from .items import batch_items
+from .outputs import output_dir_problem, remove_stale_temporaries
 
 logger = logging.getLogger("asl_enhance")
 
@@ -35,6 +39,85 @@ def record_failure(engine: Engine, message: str) -> None:
     message = " ".join(str(message).split())  # always one line
     failures.append(message)
     logger.warning("skipped series: %s", message)
+
+
+def series_label(item: dict) -> str:
+    """How progress lines and summaries name a series: ``sub-03/perf/sub-03`` (its folder and stem)."""
+    if item.get("rel_dir") is not None and item.get("stem"):
+        return (Path(item["rel_dir"]) / item["stem"]).as_posix()
+    return str(item.get("asl", "<series>"))
+
+
+def failure_line(item: dict, err: BaseException) -> str:
+    """One line naming the series' input file and what went wrong while writing its outputs (an
+    :class:`~asl_enhance.bids.ASLInputError` already names its own file)."""
+    if isinstance(err, ASLInputError):
+        return str(err)
+    return f"{item.get('asl', series_label(item))}: outputs not written: {str(err) or type(err).__name__}"
+
+
+def check_output_dir_or_exit(output_dir: str | Path, dataset_dir: str | Path | None = None) -> None:
+    """Before any series runs: refuse an output folder that is (inside) the input data set, that
+    holds another data set's description, or that cannot be written, in one line with exit status 2
+    (see :func:`~asl_enhance.outputs.output_dir_problem`); then remove what killed runs left there."""
+    started = time.time()
+    problem = output_dir_problem(output_dir, dataset_dir)
+    if problem:
+        print(f"ERROR: {output_dir}: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_INPUT)
+    removed = remove_stale_temporaries(output_dir, started)
+    if removed:
+        logger.info("removed %d temporary files/folders left in %s by an interrupted run", removed, output_dir)
+
+
+class SeriesProgress:
+    """A line per series as it finishes, ``[3/14] sub-03/perf/sub-03: written (2.1 s)``: the time
+    runs from the moment its data began to load (Ignite's ``GET_BATCH_STARTED``)."""
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self.start)
+
+    def start(self, engine: Engine | None = None) -> None:
+        self._started = time.monotonic()
+
+    def report(self, engine: Engine, item: dict, outcome: str) -> None:
+        state = engine.state
+        position = f"[{getattr(state, 'iteration', 0) or '?'}/{getattr(state, 'epoch_length', None) or '?'}]"
+        elapsed = time.monotonic() - self._started
+        print(f"{position} {series_label(item)}: {outcome} ({elapsed:.1f} s)", flush=True)
+
+
+Result = TypeVar("Result")
+
+
+def process_each_series(
+    items: Iterable[dict], process: Callable[[dict], Result], what: str = "failed"
+) -> tuple[list[Result], list[str]]:
+    """``process`` every item, going on past any exception: returns the results of those that worked
+    and one line per failed series naming its input file (for apps without Ignite, e.g. the MONAI
+    Deploy app, so one bad series never stops the others)."""
+    results: list[Result] = []
+    failures: list[str] = []
+    for item in items:
+        try:
+            results.append(process(item))
+        except Exception as err:  # whatever one series raises is reported and the batch goes on
+            message = (
+                str(err)
+                if isinstance(err, ASLInputError)
+                else f"{item.get('asl', series_label(item))}: {what}: {type(err).__name__}: {err}"
+            )
+            failures.append(" ".join(message.split()))
+            logger.error("series %s", failures[-1])
+    return results, failures
+
+
+def exit_status(failures: list[Any]) -> int:
+    """The process exit status of a batch: :data:`EXIT_SERIES_FAILED` when any series failed, else 0."""
+    return EXIT_SERIES_FAILED if failures else 0
 
 
 def find_series_or_exit(dataset_dir: str | Path, truth_dir: str | Path | None = None) -> list[dict[str, str]]:

@@ -1,9 +1,10 @@
 """QC figure of one series: what the enhancement changed, at a glance.
 
-Rows are maps (k-pair mean, enhanced, all-pair mean when more pairs exist, enhanced minus mean),
-columns are representative axial slices. All deltaM rows share one colour scale and all CBF rows
-another, so brightness differences between rows are real; the difference row uses a symmetric
-diverging scale so that what the network added (red) or removed (blue) stands out.
+Rows are maps (k-pair mean, enhanced, all-pair mean when more pairs exist, enhanced minus mean, the
+enhanced map's SD when there is one), columns are representative axial slices. All deltaM rows share
+one colour scale and all CBF rows another, so brightness differences between rows are real; the
+difference row uses a symmetric diverging scale so that what the network added (red) or removed
+(blue) stands out; each SD row has its own scale from zero.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ def write_qc_figure(
     cbf: dict[str, np.ndarray] | None = None,
     mask: np.ndarray | None = None,
     deltam_units: str = "scanner units",
+    uncertainty: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the QC PNG atomically; ``deltam``/``cbf`` map row labels to 3D volumes in display order.
 
     The first two entries of ``deltam`` (k-pair mean, enhanced) also give the difference row.
+    ``uncertainty`` maps labels to SD maps (``deltaM SD`` in deltaM units, ``CBF SD`` in CBF units),
+    one row each, from zero.
     """
     path = Path(path)
     first = next(iter(deltam.values()))
@@ -64,6 +68,8 @@ def write_qc_figure(
         groups.append(
             ("change", {f"{names[1]} - {names[0]}\n(rms {rms:.1f}% of mean |dM|)": change}, "RdBu_r", deltam_units)
         )
+    for label, sd in (uncertainty or {}).items():
+        groups.append(("SD", {label: sd}, "magma", "ml/100g/min" if label.startswith("CBF") else deltam_units))
     if cbf:
         groups.append(("CBF", cbf, "viridis", "ml/100g/min"))
     rows = sum(len(g[1]) for g in groups)
@@ -77,7 +83,7 @@ def write_qc_figure(
             vmin, vmax = -0.5 * deltam_range[1], 0.5 * deltam_range[1]
         else:
             vmin, vmax = _limits(list(maps.values()), mask)
-            if kind == "CBF":
+            if kind in ("CBF", "SD"):
                 vmin = 0.0
         image = None
         for label, volume in maps.items():

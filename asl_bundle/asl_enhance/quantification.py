@@ -47,7 +47,7 @@ M0_TYPES = ("Included", "Separate", "Estimate", "Absent")
 M0_MASK_FRACTION = 0.1
 #: tissue probability above which a voxel counts as grey / white matter in the tissue summary
 GM_THRESHOLD, WM_THRESHOLD = 0.7, 0.9
-CBF_UNITS_TEXT = "ml/100g/min"
+CBF_UNITS_TEXT = "mL/100 g/min"  #: as BIDS and ASLPrep write it
 
 
 @dataclass
