@@ -55,6 +55,25 @@ METRICS = (
     "level_ratio",
     "seconds",
 )
+#: columns of the fidelity rows (:mod:`asl_bench.fidelity`, written only when it runs); the planted
+#: lesions' columns are named after fidelity.LESIONS
+FIDELITY_COLUMNS = (
+    "cr_hypo_r5",
+    "cr_hypo_r2.5",
+    "cr_hyper_r3.5",
+    "cr_sim_hypo",
+    "cr_sim_hyper",
+    "structure_removed",
+    "gm_wm_ratio_rel",
+    "noharm_gm_change",
+    "noharm_wm_change",
+    "noharm_ok",
+    "null_head_mean",
+    "null_corr_anatomy",
+    "null_corr_perfusion",
+)
+#: the benchmark's own data sets (the fidelity rows have others: fidelity_real, noharm_sim, ...)
+BENCHMARK_SETS = ("test", "real")
 SHORTCUTS = {
     "features": "network_def#features",
     "local_layers": "network_def#local_layers",
@@ -424,7 +443,7 @@ def add_row(run: Run, label, s: Series, k: int, group, method: str, params, scor
 
 # ---------------------------------------------------------------------------------------- summary
 def primary(dataset: str) -> str:
-    return "nmse_corrected" if dataset == "real" else "nmse_truth"
+    return "nmse_corrected" if dataset == "real" or dataset.endswith("_real") else "nmse_truth"
 
 
 def primary_error(series: Series, prep: dict[str, Any], estimate: np.ndarray) -> float:
@@ -455,6 +474,9 @@ def summarise(rows: list[dict[str, Any]], tuned: dict[int, dict]) -> list[dict[s
                 if (key := (dataset, r["series"], k, r["group"], ref)) in index and index[key][metric] > 0
             ]
             summary[col] = _nanmedian(ratios)
+        for m in FIDELITY_COLUMNS:  # only where fidelity rows carry them, so other rows keep their columns
+            if any(m in r for r in members):
+                summary[m] = _nanmedian([r.get(m, math.nan) for r in members])
         out.append(summary)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     return sorted(out, key=lambda r: (r["dataset"], r["k"], order.get(r["method"], 50), r["method"]))
@@ -469,6 +491,8 @@ def markdown(summary: list[dict[str, Any]], k_show: int | None = None) -> str:
     cols = ["dataset", "k", "method", "n", *METRICS, "ratio_to_mean_k", "ratio_to_best_classical"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
+        if r["dataset"] not in BENCHMARK_SETS:
+            continue
         if k_show is not None and r["k"] != k_show and not r["method"].startswith("mean_all"):
             continue
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
@@ -477,6 +501,7 @@ def markdown(summary: list[dict[str, Any]], k_show: int | None = None) -> str:
 
 def pivot(summary: list[dict[str, Any]]) -> str:
     """Compact table: primary error per method (rows) and data set x k (columns)."""
+    summary = [r for r in summary if r["dataset"] in BENCHMARK_SETS]
     keys = sorted(
         {(r["dataset"], r["k"]) for r in summary if not r["method"].startswith("mean_all")},
         key=lambda t: (t[0] != "test", t[1]),
