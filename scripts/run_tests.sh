@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh data,test,benchmark
 set -euo pipefail
-ruff check asl_bundle scripts tests
-ruff format --check asl_bundle scripts tests
+ruff check asl_bundle asl_sim asl_bench scripts studies deploy tests
+ruff format --check asl_bundle asl_sim asl_bench scripts studies deploy tests
 python -m pytest tests "$@"

@@ -16,9 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-import asl_bench.core as bench
 import numpy as np
 from asl_enhance.smoothing import gaussian_smooth
+
+import asl_bench.core as bench
 
 #: high-pass: the pair minus its blur at this width (voxels; in-plane, in-plane, through-plane)
 HIGHPASS_SIGMA = (1.0, 1.0, 0.5)
