@@ -37,6 +37,16 @@ def test_qc_figure_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sub-01_qc.png"]  # no temporary left behind
 
 
+def test_noise_twin_row_sits_under_the_change_row(tmp_path):
+    """Given the input's noise twin, the figure gains one row (same scale as the change row), so a
+    reader can compare what the model removed with what noise looks like."""
+    rng = np.random.default_rng(1)
+    maps = {"2-pair mean": rng.normal(size=SHAPE), "enhanced": rng.normal(size=SHAPE)}
+    plain = mpimg.imread(write_qc_figure(tmp_path / "a_qc.png", "a", maps))
+    with_twin = mpimg.imread(write_qc_figure(tmp_path / "b_qc.png", "b", maps, noise=rng.normal(size=SHAPE)))
+    assert with_twin.shape[1] == plain.shape[1] and with_twin.shape[0] > plain.shape[0] + 100
+
+
 def _items(root, num_pairs):
     chain = [LoadASLSeriesd("asl", num_pairs=num_pairs), SelectPairsd("pairs"), NormalizeASLd()]
     items = []

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .outputs import atomic_write  # noqa: E402
+from .quantification import CBF_UNITS_TEXT  # noqa: E402
 
 NUM_SLICES = 5
 
@@ -48,12 +49,15 @@ def write_qc_figure(
     mask: np.ndarray | None = None,
     deltam_units: str = "scanner units",
     uncertainty: dict[str, np.ndarray] | None = None,
+    noise: np.ndarray | None = None,
 ) -> Path:
     """Write the QC PNG atomically; ``deltam``/``cbf`` map row labels to 3D volumes in display order.
 
     The first two entries of ``deltam`` (k-pair mean, enhanced) also give the difference row.
     ``uncertainty`` maps labels to SD maps (``deltaM SD`` in deltaM units, ``CBF SD`` in CBF units),
-    one row each, from zero.
+    one row each, from zero. ``noise`` (the input's noise twin: one independent draw of the k-pair
+    mean's noise) goes under the change row on the same scale, so a reader sees whether what the model
+    removed looks like noise or like structure.
     """
     path = Path(path)
     first = next(iter(deltam.values()))
@@ -65,13 +69,15 @@ def write_qc_figure(
         change = deltam[names[1]] - deltam[names[0]]
         level = float(np.abs(deltam[names[0]][mask]).mean()) or 1.0
         rms = 100 * float(np.sqrt(np.mean(change[mask] ** 2))) / level
-        groups.append(
-            ("change", {f"{names[1]} - {names[0]}\n(rms {rms:.1f}% of mean |dM|)": change}, "RdBu_r", deltam_units)
-        )
+        changes = {f"{names[1]} - {names[0]}\n(rms {rms:.1f}% of mean |dM|)": change}
+        if noise is not None:
+            noise_rms = 100 * float(np.sqrt(np.mean(noise[mask] ** 2))) / level
+            changes[f"noise twin: what noise\nlooks like (rms {noise_rms:.1f}%)"] = noise
+        groups.append(("change", changes, "RdBu_r", deltam_units))
     for label, sd in (uncertainty or {}).items():
-        groups.append(("SD", {label: sd}, "magma", "ml/100g/min" if label.startswith("CBF") else deltam_units))
+        groups.append(("SD", {label: sd}, "magma", CBF_UNITS_TEXT if label.startswith("CBF") else deltam_units))
     if cbf:
-        groups.append(("CBF", cbf, "viridis", "ml/100g/min"))
+        groups.append(("CBF", cbf, "viridis", CBF_UNITS_TEXT))
     rows = sum(len(g[1]) for g in groups)
     height = 2.0 * rows + 0.7
     fig, axes = plt.subplots(rows, len(slices), figsize=(2.0 * len(slices) + 1.8, height), squeeze=False)

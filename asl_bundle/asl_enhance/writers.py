@@ -313,7 +313,8 @@ class ASLOutputWriter:
             cbf_text = f"no CBF: {series_cbf.reason if series_cbf else 'not requested'}"[:110]
         title = f"{Path(item['rel_dir']) / item['stem']}: {used} of {total} pairs used\n{cbf_text}"
         path = safe_output_path(root, item["rel_dir"], f"{item['stem']}_qc.png")
-        write_qc_figure(path, title, deltam, cbf or None, mask, deltam_units="control - label", uncertainty=sd_maps)
+        twin = volume(item["input_twin"]) if item.get("input_twin") is not None else None
+        write_qc_figure(path, title, deltam, cbf or None, mask, "control - label", sd_maps, twin)
 
     def write_dataset_files(self, engine: Engine | None = None) -> None:
         """``dataset_description.json`` (BIDS derivative, linked to the raw data set), ``cbf_tissue.tsv``
