@@ -102,6 +102,33 @@ def bundle_run(config: str | Sequence[str], *args: str, timeout: int = 300) -> s
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def run_in_process(config: str | Sequence[str], data: Path, out: Path, weights: Path, **override) -> int:
+    """A bundle run (one config or an overlay stack such as ``EVALUATE``) in-process through MONAI's
+    ConfigWorkflow, with ``weights`` loaded by the first handler; returns its exit status (the
+    SystemExit code, 0 when none). Use ``bundle_run`` where the command line itself is under test."""
+    from monai.bundle import ConfigWorkflow
+
+    files = config_files(config)
+    try:
+        workflow = ConfigWorkflow(
+            config_file=files if len(files) > 1 else files[0],
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=False,
+            workflow_type="infer",
+            bundle_root=str(BUNDLE),
+            dataset_dir=str(data),
+            output_dir=str(out),
+            **{"handlers#0#load_path": str(weights)},
+            **override,
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def write_phantom_dataset(
     root: str | Path,
     count: int,

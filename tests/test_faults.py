@@ -22,10 +22,10 @@ from asl_enhance.bids import VOLUME_TYPES, ASLInputError, find_asl_series, form_
 from asl_enhance.failures import find_series_or_exit
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd
 from asl_enhance.writers import ASLOutputWriter
-from helpers import AFFINE, BUNDLE, CONFIGS, ROOT, phantom_series, write_series
+from helpers import AFFINE, BUNDLE, CONFIGS, ROOT, phantom_series, run_in_process, write_series
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 SHAPE = (12, 10, 4)
@@ -246,26 +246,8 @@ def _state_dict_path(tmp_path: Path) -> Path:
     return path
 
 
-def _infer(data: Path, out: Path, weights: Path, **override):
-    """Inference in-process through ConfigWorkflow; returns the SystemExit code (0 when none)."""
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(data),
-        output_dir=str(out),
-        **{"handlers#0#load_path": str(weights)},
-        **override,
-    )
-    workflow.initialize()
-    workflow.run()
-    try:
-        workflow.finalize()
-    except SystemExit as exc:
-        return exc.code
-    return 0
+def _infer(data: Path, out: Path, weights: Path, **override) -> int:
+    return run_in_process("inference.json", data, out, weights, **override)
 
 
 def test_existing_outputs_not_overwritten_unless_asked(tmp_path, capsys):

@@ -50,8 +50,8 @@ from asl_enhance.failures import check_output_dir_or_exit, exit_status, process_
 from asl_enhance.metrics import MeanErrorCurve, mean_error_curve, nmse_corrected, pairs_for_error
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd
 from asl_enhance.writers import ASLOutputWriter, write_deltam_maps
-from helpers import BUNDLE, CONFIGS, EVALUATE, ROOT, phantom_series, write_phantom_dataset, write_series
-from monai.bundle import ConfigParser, ConfigWorkflow
+from helpers import BUNDLE, CONFIGS, EVALUATE, ROOT, phantom_series, run_in_process, write_phantom_dataset, write_series
+from monai.bundle import ConfigParser
 
 SHAPE = (12, 10, 4)
 
@@ -75,31 +75,8 @@ def _dataset(root: Path, count: int = 2, num_pairs: int = 3) -> Path:
     return write_phantom_dataset(root, count, SHAPE, num_pairs=num_pairs)
 
 
-def _run(configs, data: Path, out: Path, weights: Path, **override) -> int:
-    """A bundle run in-process through ConfigWorkflow; returns its exit status (SystemExit or 0)."""
-    files = [str(CONFIGS / c) for c in configs]
-    try:
-        workflow = ConfigWorkflow(
-            config_file=files if len(files) > 1 else files[0],
-            meta_file=str(CONFIGS / "metadata.json"),
-            logging_file=False,
-            workflow_type="infer",
-            bundle_root=str(BUNDLE),
-            dataset_dir=str(data),
-            output_dir=str(out),
-            **{"handlers#0#load_path": str(weights)},
-            **override,
-        )
-        workflow.initialize()
-        workflow.run()
-        workflow.finalize()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def _infer(data: Path, out: Path, weights: Path, **override) -> int:
-    return _run(["inference.json"], data, out, weights, **override)
+    return run_in_process("inference.json", data, out, weights, **override)
 
 
 def _files(folder: Path) -> set[Path]:
@@ -393,7 +370,7 @@ def test_progress_lines_and_true_file_counts(tmp_path, weights, capsys):
     assert f"Enhanced 2 series ({written} files written)" in printed
     series_files = sum(len(list((out / stem / "perf").iterdir())) for stem in ("sub-00", "sub-01"))
     assert written == series_files + 2  # dataset_description.json, .bidsignore (no tissue maps, no tsv)
-    assert _run(EVALUATE, data, tmp_path / "eval", weights, num_pairs=2) == 0
+    assert run_in_process(EVALUATE, data, tmp_path / "eval", weights, num_pairs=2) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^\[1/2\] sub-00/perf/sub-00: scored, 2 groups \(\d+\.\d s\)$", printed, re.M)
     assert re.search(r"^\[2/2\] sub-01/perf/sub-01: scored, 2 groups \(\d+\.\d s\)$", printed, re.M)

@@ -113,6 +113,9 @@ class GaussianSmooth(nn.Module):
         return out.reshape(shape)
 
 
+#: Gaussian window (voxels: in-plane, in-plane, through-plane sigma) in which local noise is measured,
+#: by the noise bound and by the SD map (asl_enhance.uncertainty)
+NOISE_WINDOW: tuple[float, float, float] = (2.0, 2.0, 1.0)
 #: widths (in-plane x, y and through-plane sigma, voxels) of the blurred stack the head mixes:
 #: from none to wide in-plane, plus through-plane-heavy ones for thin-slice 3D readouts
 DEFAULT_SIGMAS: tuple[tuple[float, float, float], ...] = (
@@ -156,7 +159,7 @@ class ScaleMixingEnhancer(nn.Module):
         dilations: Sequence[int] = (2, 4, 8, 16),
         residual: bool = True,
         spatial_dims: int = 3,
-        noise_window: float | Sequence[float] = (2.0, 2.0, 1.0),
+        noise_window: float | Sequence[float] = NOISE_WINDOW,
     ):
         super().__init__()
         layout = layout or InputLayout()

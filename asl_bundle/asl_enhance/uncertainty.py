@@ -33,11 +33,11 @@ import torch
 from ignite.engine import Engine
 
 from .layout import InputLayout
-from .networks import GaussianSmooth
+from .networks import NOISE_WINDOW, GaussianSmooth
 from .transforms import noise_twin
 
 #: Gaussian window (voxels: in-plane, in-plane, through-plane sigma) of the local RMS, as the noise bound's
-WINDOW: tuple[float, float, float] = (2.0, 2.0, 1.0)
+WINDOW = NOISE_WINDOW
 #: finite-difference step along a noise draw, in units of the draw (small: the local linear response)
 EPSILON = 0.1
 #: per k, (a, b) of the calibrated map sqrt(a^2 raw^2 + b^2 head^2) (see the module doc) so that it
@@ -104,16 +104,11 @@ def response(
     draw: torch.Tensor,
     pred: torch.Tensor | None = None,
     epsilon: float = EPSILON,
-    two_sided: bool = False,
 ) -> torch.Tensor:
     """The network's change per unit of ``draw`` (B, 1, ...) added to the k-pair mean channel of ``image``
-    (B, C, ...): one-sided from ``pred`` (the unperturbed output; computed when None), or two-sided."""
+    (B, C, ...), one-sided from ``pred`` (the unperturbed output; computed when None)."""
     plus = image.clone()
     plus[:, :1] += epsilon * draw
-    if two_sided:
-        minus = image.clone()
-        minus[:, :1] -= epsilon * draw
-        return (network(plus) - network(minus)) / (2.0 * epsilon)
     base = network(image) if pred is None else pred
     return (network(plus) - base) / epsilon
 
@@ -131,16 +126,15 @@ def enhanced_sd(
     draws: torch.Tensor,
     pred: torch.Tensor | None = None,
     epsilon: float = EPSILON,
-    two_sided: bool = False,
     window: Sequence[float] = WINDOW,
 ) -> torch.Tensor:
     """Raw (uncalibrated) SD map (B, 1, X, Y, Z) of the network's output, in the units of ``image``'s
     first channel: the energy of its responses to ``draws`` (B, D, X, Y, Z; noise draws of the k-pair
     mean in those units) averaged over draws, then over the ``window``, then the root. ``pred`` is the
-    output on ``image`` (saves a pass when one-sided)."""
+    output on ``image`` (saves a pass)."""
     energy = torch.zeros_like(image[:, :1])
     for j in range(draws.shape[1]):
-        r = response(network, image, draws[:, j : j + 1], pred, epsilon, two_sided)
+        r = response(network, image, draws[:, j : j + 1], pred, epsilon)
         energy = energy + r * r
     return local_rms(energy / max(draws.shape[1], 1), window)
 

@@ -38,8 +38,6 @@ from .quantification import CBF_UNITS_TEXT, SeriesCBF, cbf_sidecar, find_tissue_
 logger = logging.getLogger("asl_enhance")
 
 
-#: CBF units as BIDS and ASLPrep write them (one place: quantification)
-CBF_UNITS = CBF_UNITS_TEXT
 #: what each deltaM map is, and its unit, in its sidecar
 DELTAM_DESCRIPTIONS = {
     "enhanced": "deltaM (control - label) enhanced by the ASL bundle's network",
@@ -260,7 +258,7 @@ class ASLOutputWriter:
             deltam = (Path(item["rel_dir"]) / f"{item['stem']}_desc-{desc}_deltam.nii.gz").as_posix()
             sidecar = cbf_sidecar(series_cbf.params, f"CBF from the {what}", deltam)
             sidecar.update(
-                {"Units": CBF_UNITS, "Sources": [bids_uri("", deltam, None), *raw_sources(item, self.dataset_dir)]}
+                {"Units": CBF_UNITS_TEXT, "Sources": [bids_uri("", deltam, None), *raw_sources(item, self.dataset_dir)]}
             )
             sidecar.update(
                 {k: v for k, v in self._sidecar(item, desc).items() if k not in ("Description", "Units", "Sources")}
@@ -308,7 +306,7 @@ class ASLOutputWriter:
                 for k in ("enhanced", "mean")
             }
             cbf_text = f"mean {where} CBF: enhanced {means['enhanced']:.1f}, {used}-pair mean {means['mean']:.1f}"
-            cbf_text += f" {CBF_UNITS}"
+            cbf_text += f" {CBF_UNITS_TEXT}"
         else:
             cbf_text = f"no CBF: {series_cbf.reason if series_cbf else 'not requested'}"[:110]
         title = f"{Path(item['rel_dir']) / item['stem']}: {used} of {total} pairs used\n{cbf_text}"
@@ -412,7 +410,7 @@ class ASLOutputWriter:
             "deltam": "standard deviation of the enhanced deltaM per voxel (enhanced +- 1.96 SD: a 95% interval)",
             "cbf": "standard deviation of the enhanced CBF per voxel (the deltaM SD times |CBF / deltaM|)",
         }
-        units = {"deltam": DELTAM_UNITS, "cbf": CBF_UNITS}
+        units = {"deltam": DELTAM_UNITS, "cbf": CBF_UNITS_TEXT}
         if series_cbf is not None and series_cbf.maps and series_cbf.params is not None:
             m0 = volume(item["guide"]) if item.get("guide_source") == "m0" else None
             maps["CBF SD"] = np.abs(compute_cbf(sd, m0, series_cbf.params))

@@ -74,7 +74,9 @@ def candidates(net, image: torch.Tensor, pairs_norm: np.ndarray, twin_ch: int) -
         for suffix, window in WINDOWS.items():
             out[f"twin_fd1{suffix}"] = unc.local_rms(fd1, window)
         out["twin_fd01"] = unc.local_rms(unc.response(net, image, twin, pred, 0.1) ** 2)
-        out["twin_pm"] = unc.local_rms(unc.response(net, image, twin, pred, 1.0, two_sided=True) ** 2)
+        # two-sided difference (f(m + d) - f(m - d)) / 2, from the two one-sided responses
+        two_sided = (unc.response(net, image, twin, pred, 1.0) - unc.response(net, image, -twin, pred, 1.0)) / 2
+        out["twin_pm"] = unc.local_rms(two_sided**2)
         out["frozen"] = unc.local_rms(frozen_response(net, image, twin) ** 2)
         out["input"] = unc.local_rms(twin**2)
         if k >= 3:
