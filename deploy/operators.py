@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from asl_enhance.bids import ASL_SUFFIXES, find_asl_series
 from asl_enhance.failures import process_each_series
-from asl_enhance.writers import write_deltam_maps
+from asl_enhance.writers import series_maps, write_deltam_maps
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from monai.deploy.core.io_type import IOType
 from monai.deploy.operators.monai_bundle_inference_operator import (
@@ -143,15 +143,19 @@ class ASLBundleInferenceOperator(MonaiBundleInferenceOperator):
             raise ValueError(data["error"])
         image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)[None].to(self._device)
         with torch.no_grad():
-            pred = self.predict(image)[0]  # (1, X, Y, Z): one series, batch dimension dropped
-        out = self.post_process(pred, **{self.kw_preprocessed_inputs: data})
-        return self._result(data, out["pred"])
+            pred = self.predict(image)  # (1, 1, X, Y, Z) in the network's units
+        sd, sd_fields = self.parser.get_parsed_content("uncertainty").item_sd(self._model_network, data, image, pred)
+        out = self.post_process(pred[0], **{self.kw_preprocessed_inputs: data})
+        return self._result(data, out["pred"], sd, sd_fields)
 
     @staticmethod
-    def _result(data: dict, pred: Any) -> dict:
+    def _result(data: dict, pred: Any, sd: np.ndarray | None = None, sd_fields: dict | None = None) -> dict:
+        """What the writer needs of one series: the maps (the SD map where k >= 2), its BIDS context."""
         volume = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
         return {
             "enhanced": volume[0].astype(np.float32),
+            "enhancedsd": sd,
+            "sd_fields": dict(sd_fields or {}),
             "mean": np.asarray(data["input_mean"], np.float32),
             "affine": np.asarray(data["affine"], np.float64),
             "rel_dir": data["rel_dir"],
@@ -200,8 +204,8 @@ class ASLNiftiWriterOperator(Operator):
             "TotalPairsInSeries": result["total_pairs"],
             "GeneratedBy": {"Name": "asl_bundle MONAI Deploy app", "Version": self.version},
         }
-        maps = {desc: result[desc] for desc in ("enhanced", "mean")}
-        return write_deltam_maps(self.output_path, result, maps, result["affine"], fields)
+        maps, map_fields = series_maps(result)
+        return write_deltam_maps(self.output_path, result, maps, result["affine"], fields, map_fields=map_fields)
 
 
 def num_pairs_from_env() -> int | None:

@@ -268,6 +268,29 @@ def test_skip_existing_keeps_complete_series_and_redoes_incomplete_ones(tmp_path
     assert f"sub-01/perf/sub-01: written, {files} files (incomplete outputs redone)" in printed
 
 
+def test_skip_existing_neither_loads_nor_enhances_a_complete_series(tmp_path, weights, capsys, monkeypatch):
+    """A resumed batch costs only what is missing: complete series leave the data list before loading,
+    so the network runs once per series still to do, and a run with nothing left ends cleanly."""
+    data, out = _dataset(tmp_path / "data", 3), tmp_path / "out"
+    assert _infer(data, out, weights) == 0
+    (out / "sub-01" / "perf" / "sub-01_desc-enhanced_deltam.json").unlink()  # sub-01 incomplete
+    loaded = []
+    original = LoadASLSeriesd.__call__
+    monkeypatch.setattr(LoadASLSeriesd, "__call__", lambda self, d: loaded.append(d["stem"]) or original(self, d))
+    capsys.readouterr()
+    assert _infer(data, out, weights, skip_existing="true") == 0
+    printed = capsys.readouterr().out
+    assert loaded == ["sub-01"]
+    assert "[skipped] sub-00/perf/sub-00: outputs complete" in printed and "sub-02/perf/sub-02" in printed
+    assert "[1/1] sub-01/perf/sub-01: written" in printed and "skipped 2 already complete" in printed
+    assert outputs.series_complete(out / "sub-01" / "perf", writers.marker_name("sub-01"))
+
+    loaded.clear()
+    assert _infer(data, out, weights, skip_existing="true") == 0  # nothing left: no empty-run error
+    assert loaded == [] and "Enhanced 0 series" in capsys.readouterr().out
+    assert (out / "dataset_description.json").is_file()
+
+
 def test_tissue_table_keeps_rows_of_series_this_run_did_not_write(tmp_path):
     """A resumed run (or one over a subset) adds its rows to cbf_tissue.tsv instead of dropping the
     earlier runs' rows; a series it wrote again has only its new rows."""

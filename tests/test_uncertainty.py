@@ -18,7 +18,7 @@ from asl_enhance.evaluation import EVALUATION_COLUMNS, ASLEvaluationWriter, sd_s
 from asl_enhance.networks import ScaleMixingEnhancer
 from asl_enhance.qc import write_qc_figure
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd, network_input, noise_twin
-from asl_enhance.writers import ASLOutputWriter
+from asl_enhance.writers import ASLOutputWriter, series_maps, write_deltam_maps
 from helpers import AFFINE, CONFIGS, phantom_series, write_series
 from monai.bundle import ConfigParser
 
@@ -122,7 +122,10 @@ def test_calibration_table_by_k_and_the_head_term():
     mask[0, :2, :2, 0] = 1.0  # head: 4 voxels, RMS of the raw map there = sqrt(16 / 4) = 2
     out = unc.calibrate(raw, mask, 3.0, 0.5)
     torch.testing.assert_close(out[0, 0, 0, 0], torch.tensor((9.0 * 16.0 + 0.25 * 4.0) ** 0.5))
-    torch.testing.assert_close(out[0, 3, 3, 1], torch.tensor(1.0))  # the head term alone: 0.5 * 2
+    torch.testing.assert_close(out[0, 1, 1, 0], torch.tensor(1.0))  # in the head, the head term alone: 0.5 * 2
+    torch.testing.assert_close(out[0, 3, 3, 1], torch.tensor(0.0))  # outside: the noise response alone (none)
+    everywhere = unc.calibrate(raw, None, 3.0, 0.5)  # no mask: the RMS and the term over the whole volume
+    torch.testing.assert_close(everywhere[0, 3, 3, 1], torch.tensor(0.5 * (16.0 / 32) ** 0.5))
 
 
 def _items(root, num_pairs, pred_scale: float = 0.9):
@@ -170,6 +173,40 @@ def test_handler_puts_an_sd_map_into_each_output_item(shipped, dataset):
     mask = torch.as_tensor(items[0]["mask"][None])
     alone = handler.sd_map(net, image, pred, [np.zeros((2, 1, 1, 1))], masks=mask)[0] * float(items[0]["scale"])
     torch.testing.assert_close(two["pred_sd"], alone, rtol=1e-5, atol=1e-7)
+
+
+def test_one_series_outside_ignite_gets_the_same_map_and_files(shipped, dataset, tmp_path):
+    """The MONAI Deploy app's path (item_sd, series_maps, write_deltam_maps): the same SD map the bundle's
+    handler makes, written beside the enhanced map with its method; k = 1 says why there is none."""
+    net, handler = shipped
+    (two,) = _items(dataset, 2)
+    (one,) = _items(dataset, 1)
+    for it in (two, one):
+        with torch.no_grad():
+            it["pred"] = (net(torch.as_tensor(it["image"][None]))[0] * float(it["scale"])).numpy()
+    engine = _engine(net, [two])
+    handler(engine)
+    image = torch.as_tensor(two["image"][None])
+    pred = torch.as_tensor(two["pred"][None]) / float(two["scale"])
+    sd, fields = handler.item_sd(net, two, image, pred)
+    np.testing.assert_allclose(sd, engine.state.output[0]["pred_sd"][0].numpy(), rtol=1e-5, atol=1e-7)
+    assert fields == json.loads(engine.state.output[0]["pred_sd_info"])
+    none, why = handler.item_sd(net, one, torch.as_tensor(one["image"][None]), torch.as_tensor(one["pred"][None]))
+    assert none is None and "single pair" in why["UncertaintyMapNotWrittenReason"]
+
+    result = {"enhanced": two["pred"][0], "mean": two["input_mean"], "enhancedsd": sd, "sd_fields": fields, **two}
+    maps, map_fields = series_maps(result)
+    paths = write_deltam_maps(tmp_path / "out", two, maps, AFFINE, {"PairsUsed": [1, 2]}, map_fields=map_fields)
+    perf = tmp_path / "out" / "sub-01" / "perf"
+    assert perf / "sub-01_desc-enhancedsd_deltam.nii.gz" in paths
+    np.testing.assert_allclose(nib.load(perf / "sub-01_desc-enhancedsd_deltam.nii.gz").get_fdata(), sd, rtol=1e-6)
+    sd_sidecar = json.loads((perf / "sub-01_desc-enhancedsd_deltam.json").read_text())
+    enhanced_sidecar = json.loads((perf / "sub-01_desc-enhanced_deltam.json").read_text())
+    assert sd_sidecar["UncertaintyMethod"] == fields["UncertaintyMethod"] and sd_sidecar["PairsUsed"] == [1, 2]
+    assert enhanced_sidecar["UncertaintyMap"] == "sub-01_desc-enhancedsd_deltam.nii.gz"
+    assert "UncertaintyMethod" not in enhanced_sidecar
+    maps, map_fields = series_maps({**result, "enhancedsd": None, "sd_fields": why})
+    assert set(maps) == {"enhanced", "mean"} and map_fields == {"enhanced": why}
 
 
 def test_writer_files_follow_the_output_contract(tmp_path, dataset):

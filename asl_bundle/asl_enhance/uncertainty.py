@@ -9,7 +9,8 @@ noise in, :meth:`networks.ScaleMixingEnhancer.local_noise_sd`) estimates the out
 draws come from the other zero-sum contrasts of the pairs where k >= 3 (:func:`noise_contrasts`; one
 pass each). The enhanced map's error also has a bias part (smoothing) that no noise draw shows and
 that varies less across the head than the noise response does, so the calibrated map is
-``sqrt(a^2 * raw^2 + b^2 * head^2)``, where ``head`` is the raw map's RMS over the head mask, with
+``sqrt(a^2 * raw^2 + b^2 * head^2)`` inside the head mask (``a * raw`` outside, where there is no
+perfusion to smooth), where ``head`` is the raw map's RMS over the head mask, with
 (a, b) per k fitted on the simulated validation split against the noise-free truth by maximum
 likelihood (:data:`CALIBRATION`). ``studies/uncertainty`` holds the measurements that chose the
 estimator, the step and this form.
@@ -58,10 +59,10 @@ SINGLE_PAIR_REASON = (
 METHOD_TEXT = (
     "Local RMS (Gaussian window, sigma {window} voxels) of the network's response to the noise twin of the "
     "input pairs (an independent draw with the k-pair mean's noise statistics; {draws} draw(s)), by a finite "
-    "difference (f(mean + {eps} * twin) - f(mean)) / {eps}; calibrated as sqrt(a^2 raw^2 + b^2 head^2) with "
-    "head the raw map's RMS over the head mask and (a, b) = ({a}, {b}) for k = {k}, fitted on simulated "
-    "validation subjects against the noise-free truth so that the map covers the total error (the smoothing "
-    "bias as well as the noise)."
+    "difference (f(mean + {eps} * twin) - f(mean)) / {eps}; calibrated as sqrt(a^2 raw^2 + b^2 head^2) inside "
+    "the head mask (a * raw outside it) with head the raw map's RMS over the head mask and (a, b) = ({a}, {b}) "
+    "for k = {k}, fitted on simulated validation subjects against the noise-free truth so that the map covers "
+    "the total error (the smoothing bias as well as the noise)."
 )
 ASSUMPTIONS = [
     "the input pairs are independent repeats with equal noise statistics (the twin then has the mean's noise)",
@@ -154,11 +155,16 @@ def calibration_factor(k: int, table: Mapping[Any, Any]) -> tuple[float, float]:
 
 
 def calibrate(raw: torch.Tensor, mask: torch.Tensor | None, a: float, b: float) -> torch.Tensor:
-    """sqrt(a^2 raw^2 + b^2 head^2) for one raw map (1, X, Y, Z), head = its RMS inside ``mask``
-    (everywhere when None or empty)."""
-    inside = raw[mask > 0.5] if mask is not None and bool((mask > 0.5).any()) else raw
-    head = torch.sqrt(torch.mean(inside.double() ** 2)).to(raw.dtype)
-    return torch.sqrt(a * a * raw * raw + b * b * head * head)
+    """sqrt(a^2 raw^2 + b^2 head^2) for one raw map (1, X, Y, Z), head = its RMS inside ``mask``.
+
+    The head term stands for the smoothing bias, which exists only where there is perfusion to smooth,
+    so it is added inside ``mask`` only: outside the head the map is the noise response alone (a
+    constant floor there drew a flat background). Without a usable mask it applies everywhere.
+    """
+    inside = mask is not None and bool((mask > 0.5).any())
+    head = torch.sqrt(torch.mean((raw[mask > 0.5] if inside else raw).double() ** 2)).to(raw.dtype)
+    bias = b * head * ((mask > 0.5).to(raw.dtype) if inside else torch.ones_like(raw))
+    return torch.sqrt(a * a * raw * raw + bias * bias)
 
 
 class EnhancedSDHandler:
@@ -298,6 +304,29 @@ class EnhancedSDHandler:
         for i in wanted:
             output[i][self.output_key] = (sd[i] * scales[i]).cpu()
             output[i][f"{self.output_key}_info"] = json.dumps(self.describe(len(pairs[i])))  # type: ignore[arg-type]
+
+    def item_sd(
+        self, network: torch.nn.Module, item: Mapping[str, Any], image: torch.Tensor, pred: torch.Tensor
+    ) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """One series outside an Ignite run (the MONAI Deploy app): ``item`` as the bundle's transforms
+        made it, ``image`` (1, C, ...) what the network saw and ``pred`` (1, 1, ...) its output, both in
+        normalised units. Returns the calibrated SD map (X, Y, Z) in the input's units and its sidecar
+        fields, or None and the reason there is none (a single pair)."""
+        scale = float(np.asarray(item["scale"]))
+        k = len(json.loads(item.get("input_pairs") or "[]"))
+        if k < 2 or self.draws <= 0:
+            return None, {"UncertaintyMapNotWrittenReason": SINGLE_PAIR_REASON if k < 2 else "SD maps turned off"}
+        mask = item.get("mask")
+        masks = None if mask is None else torch.as_tensor(np.asarray(mask)).reshape(1, 1, *image.shape[2:])
+        was_training = network.training
+        network.eval()
+        try:
+            sd = self.sd_map(network, image, pred, [self._pairs(dict(item), scale)], masks=masks)
+        finally:
+            network.train(was_training)
+        if sd is None:
+            return None, {"UncertaintyMapNotWrittenReason": SINGLE_PAIR_REASON}
+        return (sd[0, 0] * scale).cpu().numpy().astype(np.float32), self.describe(k)
 
     def _pairs(self, item: dict, scale: float) -> np.ndarray:
         """The item's input pairs in normalised units (only their count is used for one draw)."""

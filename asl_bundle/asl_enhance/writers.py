@@ -15,6 +15,7 @@ import fnmatch
 import io
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ logger = logging.getLogger("asl_enhance")
 DELTAM_DESCRIPTIONS = {
     "enhanced": "deltaM (control - label) enhanced by the ASL bundle's network",
     "mean": "plain mean of the pair differences used (control - label)",
+    "enhancedsd": "standard deviation of the enhanced deltaM per voxel (enhanced +- 1.96 SD: a 95% interval)",
 }
 DELTAM_UNITS = "same as control - label of the source series"
 #: BIDS version the derivative data set follows
@@ -173,6 +175,32 @@ class ASLOutputWriter:
                 self.progress.report(engine, item, "FAILED to load")
                 continue
             self.progress.report(engine, item, self._write_or_fail(engine, item))
+
+    def pending(self, items: Sequence[dict]) -> list[dict]:
+        """The series still to run. With ``skip_existing`` a series whose outputs are complete is left
+        out here, before it is loaded or enhanced, so resuming a batch costs only what is missing."""
+        if not self.skip_existing:
+            return list(items)
+        todo = []
+        for item in items:
+            if self._complete(item):
+                self.series_skipped.append(series_label(item))
+                print(f"[skipped] {series_label(item)}: outputs complete (skip_existing)", flush=True)
+            else:
+                todo.append(item)
+        return todo
+
+    def finish(self) -> None:
+        """End a run that had nothing left to enhance: the data set files and the summary line."""
+        self.write_dataset_files()
+        self._summary()
+
+    def _complete(self, item: dict) -> bool:
+        try:
+            folder = safe_output_path(self.output_dir, item["rel_dir"], marker_name(item["stem"])).parent
+        except (KeyError, ValueError):  # not a series this writer can place: the run reports it
+            return False
+        return series_complete(folder, marker_name(item["stem"]))
 
     def _write_or_fail(self, engine: Engine, item: dict) -> str:
         """Write one series whole or not at all (a failure is recorded with a line naming the series'
@@ -407,7 +435,7 @@ class ASLOutputWriter:
         common = {k: v for k, v in self._sidecar(item, "enhanced").items() if k not in ("Description", "Units")}
         enhanced = (Path(item["rel_dir"]) / f"{item['stem']}_desc-enhanced_deltam.nii.gz").as_posix()
         what = {
-            "deltam": "standard deviation of the enhanced deltaM per voxel (enhanced +- 1.96 SD: a 95% interval)",
+            "deltam": DELTAM_DESCRIPTIONS["enhancedsd"],
             "cbf": "standard deviation of the enhanced CBF per voxel (the deltaM SD times |CBF / deltaM|)",
         }
         units = {"deltam": DELTAM_UNITS, "cbf": CBF_UNITS_TEXT}
@@ -447,7 +475,7 @@ class ASLOutputWriter:
             "Settings": self.settings,
         }
 
-    def _summary(self, engine: Engine) -> None:
+    def _summary(self, engine: Engine | None = None) -> None:
         """Series and files this run actually wrote (a failed series counts in neither)."""
         logger.info("wrote %d files under %s", len(self.written), self.output_dir)
         skipped = f", skipped {len(self.series_skipped)} already complete" if self.series_skipped else ""
@@ -459,6 +487,22 @@ class ASLOutputWriter:
         )
 
 
+def series_maps(result: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """For :func:`write_deltam_maps` (the MONAI Deploy app): the maps of one series (``enhanced``, ``mean``
+    and, where k >= 2, ``enhancedsd``) and the fields only one map's sidecar gets: the SD map's method
+    (``sd_fields``), and on the enhanced map the SD map's name or why there is none, as the bundle's own
+    writer says it."""
+    maps = {desc: result[desc] for desc in ("enhanced", "mean")}
+    sd_fields = dict(result.get("sd_fields") or {})
+    if result.get("enhancedsd") is None:
+        return maps, {"enhanced": sd_fields}
+    maps["enhancedsd"] = result["enhancedsd"]
+    return maps, {
+        "enhanced": {"UncertaintyMap": f"{result['stem']}_desc-enhancedsd_deltam.nii.gz"},
+        "enhancedsd": sd_fields,
+    }
+
+
 def write_deltam_maps(
     output_dir: str | Path,
     item: dict,
@@ -466,11 +510,13 @@ def write_deltam_maps(
     affine: np.ndarray,
     fields: dict,
     replace: bool = True,
+    map_fields: dict[str, dict] | None = None,
 ) -> list[Path]:
     """``<stem>_desc-<desc>_deltam.nii.gz`` and sidecar for each of ``maps`` (``enhanced`` and
     ``mean``) of one series (``item``: ``asl``, ``rel_dir``, ``stem``, optionally ``dataset_dir`` and
     ``m0scan``), complete or absent as the bundle's writer publishes them; the MONAI Deploy app's
-    writer, a plain function so that it is tested without the App SDK. Returns the published paths."""
+    writer, a plain function so that it is tested without the App SDK. ``map_fields``: sidecar fields of
+    one map only (by desc). Returns the published paths."""
     sources = raw_sources(item)
     stem = item["stem"]
     folder = safe_output_path(output_dir, item["rel_dir"], marker_name(stem)).parent
@@ -483,6 +529,7 @@ def write_deltam_maps(
                 "Units": DELTAM_UNITS,
                 "Sources": sources,
                 **fields,
+                **(map_fields or {}).get(desc, {}),
             }
             write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
         staged = safe_output_path(stage, item["rel_dir"], marker_name(stem)).parent
