@@ -377,7 +377,9 @@ def tuned_for(tuned: dict[int, dict], k: int) -> tuple[int, dict]:
 def fingerprint(model: Model) -> str:
     """Same weights, same settings, same layout: the same output (so it is computed once)."""
     h = hashlib.sha1(repr(model.net).encode())
-    for key, value in model.net.state_dict().items():
+    tensors = dict(model.net.state_dict())
+    tensors.update(dict(model.net.named_buffers()))  # non-persistent ones too (fixed blur kernels)
+    for key, value in sorted(tensors.items()):
         h.update(key.encode())
         h.update(value.detach().cpu().numpy().tobytes())
     for module in model.net.modules():

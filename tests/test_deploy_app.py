@@ -8,6 +8,7 @@ with: python3 -m venv .venv-deploy; .venv-deploy/bin/pip install torch==2.13.0 (
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,13 @@ def check_against_bundle(out: Path, bundle_out: Path, data: Path, stems: list[st
         mean = nib.load(out / str(rel).replace("desc-enhanced", "desc-mean")).get_fdata(dtype=np.float32)
         np.testing.assert_allclose(mean, nib.load(bundle_out / str(rel).replace("desc-enhanced", "desc-mean"))
                                    .get_fdata(dtype=np.float32), rtol=1e-6, atol=1e-6)  # fmt: skip
+        # the SD map (k = 2) as the bundle makes it, named in the enhanced map's sidecar
+        sd_rel = str(rel).replace("desc-enhanced", "desc-enhancedsd")
+        sd, sd_ref = (nib.load(root / sd_rel).get_fdata(dtype=np.float32) for root in (out, bundle_out))
+        assert sd.min() >= 0 and sd.max() > 0
+        np.testing.assert_allclose(sd, sd_ref, rtol=1e-4, atol=1e-4 * sd_ref.max())
+        sidecar = json.loads((out / str(rel).replace(".nii.gz", ".json")).read_text())
+        assert sidecar["UncertaintyMap"] == Path(sd_rel).name
 
 
 def test_app_in_process_with_holoscan_env(case, tmp_path):
@@ -106,7 +114,7 @@ def test_app_command_on_one_nifti(case, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # a single file has no BIDS folders above it: outputs go to the output root
     files = sorted(p.name for p in out.rglob("*.nii.gz"))
-    assert files == ["sub-02_ses-1_desc-enhanced_deltam.nii.gz", "sub-02_ses-1_desc-mean_deltam.nii.gz"]
+    assert files == [f"sub-02_ses-1_desc-{d}_deltam.nii.gz" for d in ("enhanced", "enhancedsd", "mean")]
     ref = case["bundle_out"] / "sub-02" / "ses-1" / "perf"
     got = nib.load(out / files[0])
     np.testing.assert_allclose(got.get_fdata(dtype=np.float32),

@@ -197,3 +197,21 @@ def test_lesion_columns_are_benchmark_columns():
     assert all(f"cr_{spec.name}" in core.FIDELITY_COLUMNS for spec in fd.LESIONS)
     assert core.primary("fidelity_real") == "nmse_corrected" and core.primary("fidelity_sim") == "nmse_truth"
     assert core.primary("real") == "nmse_corrected" and core.primary("test") == "nmse_truth"
+
+
+def test_fingerprint_tells_models_apart_by_their_fixed_kernels():
+    """Two models that differ only in a fixed (non-persistent) blur kernel are two models: before, the
+    fingerprint hashed the state dict alone and the benchmark scored the second as a copy of the first."""
+    import torch
+    from asl_enhance.layout import InputLayout
+    from asl_enhance.networks import ScaleMixingEnhancer
+
+    layout = InputLayout()
+    torch.manual_seed(0)
+    base = ScaleMixingEnhancer(layout, restore_sigma=[1.5, 1.5, 0.75])
+    wider = ScaleMixingEnhancer(layout, restore_sigma=[3.0, 3.0, 1.5])
+    wider.load_state_dict(base.state_dict())
+    same = ScaleMixingEnhancer(layout, restore_sigma=[1.5, 1.5, 0.75])
+    same.load_state_dict(base.state_dict())
+    prints = [fd.fingerprint(core.Model(str(i), net, layout, "")) for i, net in enumerate((base, wider, same))]
+    assert prints[0] != prints[1] and prints[0] == prints[2]

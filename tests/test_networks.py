@@ -157,3 +157,35 @@ def test_input_layout_reads_booleans_from_the_command_line():
     assert InputLayout(use_noise_twin=False).twin_channel is None
     with pytest.raises(ValueError, match="boolean"):
         InputLayout(use_guide="maybe")
+
+
+def test_restore_gives_back_what_was_removed_at_coarse_scales():
+    """With ``restore_sigma`` the output is y + G(x - y) for the mixer's output y: a broad change (a
+    lesion filled in) comes back, the fine noise the mixer removed stays removed, and the level is kept."""
+    plain = _scale_mixer()  # at initialisation: the average of the blurred stack, a broad blur
+    restored = ScaleMixingEnhancer(InputLayout(True, False), SIGMAS, features=6, restore_sigma=1.5).eval()
+    restored.load_state_dict(plain.state_dict())
+    x = torch.zeros(1, 2, 40, 40, 6)
+    x[:, 0] = 1.0
+    x[:, 0, 17:23, 17:23, :] = 0.2  # a 6-voxel hypoperfused block
+    noise = 0.3 * torch.randn(1, 1, 40, 40, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y_plain, y_restored = plain(x), restored(x)
+        noise_plain = plain(x + torch.cat([noise, torch.zeros_like(noise)], 1)) - y_plain
+        noise_restored = restored(x + torch.cat([noise, torch.zeros_like(noise)], 1)) - y_restored
+    inside = (slice(None), 0, slice(19, 21), slice(19, 21))
+    assert y_restored[inside].mean() < y_plain[inside].mean() - 0.05  # the block's contrast comes back
+    torch.testing.assert_close(y_restored.mean(), x[:, 0].mean(), atol=1e-3, rtol=0)
+    assert noise_restored.std() < 0.8 * noise.std()  # most of the fine noise is still removed
+    assert noise_restored.std() > noise_plain.std()  # (at a price: a little comes back)
+    with torch.no_grad():  # and where the mixer changed nothing, nothing is given back
+        flat = torch.cat([torch.full((1, 1, 17, 15, 5), 2.5), torch.rand(1, 1, 17, 15, 5)], dim=1)
+        torch.testing.assert_close(restored(flat), torch.full((1, 1, 17, 15, 5), 2.5))
+
+
+def test_restore_scripts_and_is_off_by_default():
+    net = ScaleMixingEnhancer(InputLayout(), SIGMAS, noise_bound=3.0, restore_sigma=[1.5, 1.5, 0.75], features=6)
+    assert ScaleMixingEnhancer(InputLayout(), SIGMAS).restore.identity and not net.restore.identity
+    x = _bounded_input(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net.eval())(x), net(x))

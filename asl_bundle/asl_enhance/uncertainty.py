@@ -46,10 +46,10 @@ EPSILON = 0.1
 #: split with one draw (asl-calibration --fit); a k not listed takes the entry of the largest k below it
 #: (the smallest k listed when none is below); a single number is (a, 0)
 CALIBRATION: dict[int, tuple[float, float]] = {
-    2: (1.228, 1.504),
-    3: (1.094, 1.417),
-    4: (1.326, 1.338),
-    6: (1.412, 0.995),
+    2: (1.152, 0.79),
+    3: (1.363, 0.0),
+    4: (1.496, 0.135),
+    6: (1.261, 0.774),
 }
 SINGLE_PAIR_REASON = (
     "no SD map for a single pair: without a second pair there is no noise twin, so the network's response to "
