@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from asl_enhance.augmentation import RandGuideDropoutd, RandPerfusionLesionsd, ellipsoid_weight, voxel_sizes
+from asl_enhance.augmentation import RandGuideDropoutd, RandPerfusionLesionsd, ellipsoid_weight
+from asl_enhance.items import voxel_sizes
 from asl_enhance.transforms import noise_twin
 
 SHAPE = (32, 30, 10)
@@ -83,7 +84,7 @@ def test_same_seed_same_lesions():
 
 
 def test_ellipsoid_is_round_in_mm():
-    units = voxel_sizes(np.diag([2.0, 2.0, 4.0, 1.0])) / 2.0
+    units = np.asarray(voxel_sizes(np.diag([2.0, 2.0, 4.0, 1.0]))) / 2.0
     weight = ellipsoid_weight((41, 41, 21), (20, 20, 10), (6.0, 6.0, 6.0), 0.0, 1.0, units)
     assert weight[20, 20, 10] == 1.0
     in_plane = np.count_nonzero(weight[:, 20, 10] >= 0.5)

@@ -9,19 +9,14 @@ import pytest
 import torch
 from asl_enhance.bids import find_asl_series
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, RestoreScaled, SelectPairsd
-from helpers import CONFIGS, phantom_series, write_series
-from monai.bundle import ConfigParser
+from helpers import phantom_series, shipped_inference, write_series
 
 SHAPE = (40, 36, 12)
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(CONFIGS.parent / "models" / "model.pt", map_location="cpu", weights_only=True))
-    return net.eval()
+    return shipped_inference()[0]
 
 
 def _enhance(net, root, num_pairs: int = 2) -> tuple[np.ndarray, np.ndarray, str]:

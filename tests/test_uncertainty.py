@@ -19,8 +19,7 @@ from asl_enhance.networks import ScaleMixingEnhancer
 from asl_enhance.qc import write_qc_figure
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd, network_input, noise_twin
 from asl_enhance.writers import ASLOutputWriter, series_maps, write_deltam_maps
-from helpers import AFFINE, CONFIGS, phantom_series, write_series
-from monai.bundle import ConfigParser
+from helpers import AFFINE, phantom_series, shipped_inference, write_series
 
 SHAPE = (20, 18, 8)
 
@@ -28,11 +27,8 @@ SHAPE = (20, 18, 8)
 @pytest.fixture(scope="module")
 def shipped():
     """The shipped network and SD handler as inference.json builds them (weights from models/model.pt)."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(CONFIGS.parent / "models" / "model.pt", map_location="cpu", weights_only=True))
-    return net.eval(), parser.get_parsed_content("uncertainty")
+    net, parser = shipped_inference()
+    return net, parser.get_parsed_content("uncertainty")
 
 
 def _sd(net, handler, pairs: np.ndarray, guide: np.ndarray, raw: bool = False):

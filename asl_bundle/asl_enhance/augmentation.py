@@ -16,11 +16,7 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-
-def voxel_sizes(affine: Any) -> np.ndarray:
-    """Voxel edge lengths (mm) from a 4x4 affine; 1 where the affine is missing or degenerate."""
-    sizes = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
-    return np.where(sizes > 0, sizes, 1.0)
+from .items import voxel_sizes
 
 
 def ellipsoid_weight(
@@ -118,7 +114,7 @@ class RandPerfusionLesionsd(Randomizable, MapTransform):
             self.randomize(np.argwhere(base > self.min_level * top) if top > 0 else np.zeros((0, 3)))
             if not self._lesions:
                 continue
-            sizes = voxel_sizes(d.get(self.affine_key, np.eye(4)))
+            sizes = np.asarray(voxel_sizes(d.get(self.affine_key, np.eye(4))))
             gain = self.gain_map(base.shape, sizes / float(min(sizes[:2])))
             d[key] = (pairs + ((gain - 1.0) * base)[None]).astype(np.float32)
             if isinstance(truth, np.ndarray):

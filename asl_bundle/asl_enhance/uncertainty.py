@@ -26,7 +26,8 @@ twin and a zero map).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,18 @@ def enhanced_sd(
         r = response(network, image, draws[:, j : j + 1], pred, epsilon)
         energy = energy + r * r
     return local_rms(energy / max(draws.shape[1], 1), window)
+
+
+@contextmanager
+def evaluating(network: torch.nn.Module) -> Iterator[None]:
+    """The network in eval mode inside the block, back in its own mode after (per-scan adaptation may
+    hand over a network in training mode)."""
+    was_training = network.training
+    network.eval()
+    try:
+        yield
+    finally:
+        network.train(was_training)
 
 
 def _pair(value: Any) -> tuple[float, float]:
@@ -293,12 +306,8 @@ class EnhancedSDHandler:
         masks = None
         if all(b.get("mask") is not None for b in batch):
             masks = torch.stack([torch.as_tensor(b["mask"]).reshape(1, *images.shape[2:]) for b in batch]).to(device)
-        was_training = network.training
-        network.eval()
-        try:
+        with evaluating(network):
             sd = self.sd_map(network, images, pred, pairs, masks=masks)
-        finally:
-            network.train(was_training)
         if sd is None:
             return
         for i in wanted:
@@ -318,12 +327,8 @@ class EnhancedSDHandler:
             return None, {"UncertaintyMapNotWrittenReason": SINGLE_PAIR_REASON if k < 2 else "SD maps turned off"}
         mask = item.get("mask")
         masks = None if mask is None else torch.as_tensor(np.asarray(mask)).reshape(1, 1, *image.shape[2:])
-        was_training = network.training
-        network.eval()
-        try:
+        with evaluating(network):
             sd = self.sd_map(network, image, pred, [self._pairs(dict(item), scale)], masks=masks)
-        finally:
-            network.train(was_training)
         if sd is None:
             return None, {"UncertaintyMapNotWrittenReason": SINGLE_PAIR_REASON}
         return (sd[0, 0] * scale).cpu().numpy().astype(np.float32), self.describe(k)

@@ -195,9 +195,13 @@ class ASLOutputWriter:
         self.write_dataset_files()
         self._summary()
 
+    def _folder(self, item: dict) -> Path:
+        """The series' output folder (mirrors its input folder; refuses a path that leaves output_dir)."""
+        return safe_output_path(self.output_dir, item["rel_dir"], marker_name(item["stem"])).parent
+
     def _complete(self, item: dict) -> bool:
         try:
-            folder = safe_output_path(self.output_dir, item["rel_dir"], marker_name(item["stem"])).parent
+            folder = self._folder(item)
         except (KeyError, ValueError):  # not a series this writer can place: the run reports it
             return False
         return series_complete(folder, marker_name(item["stem"]))
@@ -207,7 +211,7 @@ class ASLOutputWriter:
         file); returns what happened, for the progress line."""
         stem = item["stem"]
         try:
-            folder = safe_output_path(self.output_dir, item["rel_dir"], marker_name(stem)).parent
+            folder = self._folder(item)
             present = _series_files(folder, stem)
             if present and self.skip_existing and series_complete(folder, marker_name(stem)):
                 self.series_skipped.append(series_label(item))
@@ -233,7 +237,7 @@ class ASLOutputWriter:
         the published paths."""
         replace = self.overwrite if replace is None else replace
         stem = item["stem"]
-        folder = safe_output_path(self.output_dir, item["rel_dir"], marker_name(stem)).parent
+        folder = self._folder(item)
         with stage_series(self.output_dir) as stage:
             tissue_rows = self._write_series_files(item, stage)
             staged = safe_output_path(stage, item["rel_dir"], marker_name(stem)).parent

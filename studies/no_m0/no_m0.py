@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+from asl_enhance.metrics import nmse_corrected
 
 from asl_bench import core
-from asl_bench.fidelity import GM_BAND, load_real
+from asl_bench.fidelity import load_real, quantile_masks
 
 GUIDES = ("m0", "none", "flat", "ones")
 
@@ -37,12 +39,10 @@ def with_guide(prep: dict, kind: str, head: np.ndarray) -> dict:
 
 def scores(estimate: np.ndarray, prep: dict, head: np.ndarray, gm: np.ndarray) -> dict[str, float]:
     mean = prep["input_mean"]
-    ref, var = prep["other_mean"], prep["target_noise_var"]
-    error = float(np.sum(((estimate - ref) ** 2 - var)[head]) / np.sum((ref**2 - var)[head]))
     return {
         "level": float(estimate[head].mean() / mean[head].mean()),
         "gm_median": float(np.median(estimate[gm]) / np.median(mean[gm])),
-        "nmse": error,
+        "nmse": nmse_corrected(estimate, prep["other_mean"], prep["target_noise_var"], head),
     }
 
 
@@ -61,9 +61,7 @@ def main() -> None:
         if s.m0 is None:
             continue
         head = s.brain
-        mean_all = s.item["pairs"].mean(axis=0)
-        gm = head & (mean_all >= np.percentile(mean_all[head], GM_BAND[0]))
-        gm &= mean_all <= np.percentile(mean_all[head], GM_BAND[1])
+        gm, _ = quantile_masks(s.item["pairs"].mean(axis=0), head)
         for k in args.k:
             for g, group in enumerate(core.groups_for(s.num_pairs, k, args.groups)):
                 prep = core.prepare(s, group)
@@ -86,9 +84,7 @@ def main() -> None:
         print(name, {k: round(v, 3) for k, v in values.items()})
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": " ".join(["python", "studies/no_m0/no_m0.py"]), "args": vars(args), "summary": summary}
-        record["args"] = {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in vars(args).items()}
-        record["rows"] = rows
+        record = {"command": " ".join(["python", *sys.argv]), "summary": summary, "rows": rows}
         args.out.write_text(json.dumps(record, indent=1))
 
 
