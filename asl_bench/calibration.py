@@ -238,42 +238,123 @@ def score_set(
     return pools
 
 
-def fit_ab(error: np.ndarray, raw: np.ndarray, head: np.ndarray) -> tuple[float, float]:
+def fit_ab(
+    error: np.ndarray,
+    raw: np.ndarray,
+    head: np.ndarray,
+    ref_var: np.ndarray | float = 0.0,
+    weight: np.ndarray | float = 1.0,
+) -> tuple[float, float]:
     """(a, b) of var = a^2 raw^2 + b^2 head^2 by the Gaussian likelihood of ``error`` (at the optimum
-    the mean z^2 is 1: scaling a and b together is one direction of the fit)."""
+    the mean z^2 is 1: scaling a and b together is one direction of the fit). Real scans: ``ref_var``
+    is the leave-out reference's own noise variance (known, added); ``weight`` per voxel."""
     from scipy.optimize import minimize
 
     e2, r2, h2 = (np.asarray(v, np.float64) ** 2 for v in (error, raw, head))
+    rv = np.broadcast_to(np.asarray(ref_var, np.float64), e2.shape)
+    w = np.broadcast_to(np.asarray(weight, np.float64), e2.shape)
 
     def nll(p: np.ndarray) -> float:
-        var = np.maximum(np.exp(2 * p[0]) * r2 + np.exp(2 * p[1]) * h2, 1e-30)
-        return float(np.mean(np.log(var) + e2 / var))
+        var = np.maximum(np.exp(2 * p[0]) * r2 + np.exp(2 * p[1]) * h2 + rv, 1e-30)
+        return float(np.sum(w * (np.log(var) + e2 / var)) / np.sum(w))
 
     best = minimize(nll, np.log([1.5, 1.0]), method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-9})
     return float(np.exp(best.x[0])), float(np.exp(best.x[1]))
 
 
-def fit_calibration(series: list[bench.Series], ks: Sequence[int], model, handler, log) -> dict[int, list[float]]:
-    """(a, b) per k on the simulated validation split: first k pairs of each series, raw maps, errors
-    against the truth inside the brain, head term from the bundle's head mask."""
-    table = {}
-    for k in ks:
-        parts: dict[str, list[np.ndarray]] = {"error": [], "raw": [], "head": []}
-        for s in series:
-            if s.num_pairs < k:
+def raw_inputs(series: list[bench.Series], k: int, model, handler, groups: int) -> list[dict[str, Any]]:
+    """Per input, inside the brain, in the network's unit: the error (simulated: against the truth;
+    real: against the unused pairs' mean), the raw map, its head RMS and the reference's variance."""
+    out = []
+    for s in series:
+        simulated = s.truth is not None
+        for group in bench.groups_for(s.num_pairs, k, 1 if simulated else groups):
+            if not simulated and s.num_pairs - k < 2:
                 continue
-            prep = bench.prepare(s, list(range(k)))
-            pred, raw = enhance_with_sd(model, handler, prep, np.asarray(s.item["pairs"])[:k], raw=True)
+            prep = bench.prepare(s, group)
+            pred, raw = enhance_with_sd(model, handler, prep, np.asarray(s.item["pairs"])[group], raw=True)
             if raw is None:
                 continue
+            unit, mask = float(prep["scale"]), s.brain
             head = float(np.sqrt(np.mean(raw[prep["mask"][0] > 0.5].astype(np.float64) ** 2)))
-            parts["error"].append((pred - s.truth)[s.brain])
-            parts["raw"].append(raw[s.brain])
-            parts["head"].append(np.full(int(s.brain.sum()), head))
-        if parts["error"]:
-            a, b = fit_ab(*(np.concatenate(parts[key]) for key in ("error", "raw", "head")))
-            table[k] = [round(a, 3), round(b, 3)]
-            log(f"fit k={k}: a {a:.3f}, b {b:.3f} on {len(parts['error'])} series")
+            reference = s.truth if simulated else prep["other_mean"]
+            ref_var = np.zeros(int(mask.sum())) if simulated else local_variance(prep["target_noise_var"])[mask]
+            out.append(
+                {
+                    "series": s.name,
+                    "error": (pred - reference)[mask] / unit,
+                    "raw": raw[mask] / unit,
+                    "head": np.full(int(mask.sum()), head / unit),
+                    "ref_var": ref_var / unit**2,
+                }
+            )
+    return out
+
+
+def fit_inputs(simulated: list[dict], real: list[dict]) -> tuple[float, float]:
+    """(a, b) on simulated and real inputs together, each data set weighing half (voxel weights)."""
+    parts = [(simulated, 1.0), (real, 1.0)]
+    keys = ("error", "raw", "head", "ref_var")
+    arrays = {key: [] for key in (*keys, "weight")}
+    for inputs, share in parts:
+        total = sum(len(i["error"]) for i in inputs)
+        for i in inputs:
+            for key in keys:
+                arrays[key].append(i[key])
+            arrays["weight"].append(np.full(len(i["error"]), share / max(total, 1)))
+    return fit_ab(*(np.concatenate(arrays[key]) for key in (*keys, "weight")))
+
+
+def calibrated_scores(inputs: list[dict], a: float, b: float) -> dict[str, float]:
+    """Coverage and mean z^2 of inputs under (a, b), the reference's variance added."""
+    error = np.concatenate([i["error"] for i in inputs])
+    sd = np.sqrt(np.concatenate([a * a * i["raw"] ** 2 + b * b * i["head"] ** 2 for i in inputs]))
+    return interval_scores(error, sd, np.concatenate([i["ref_var"] for i in inputs]))
+
+
+def fit_calibration(
+    series: list[bench.Series],
+    ks: Sequence[int],
+    model,
+    handler,
+    log,
+    real: list[bench.Series] | None = None,
+    groups: int = 4,
+) -> dict[int, list[float]]:
+    """(a, b) per k on the simulated validation split (first k pairs, against the truth) and, with
+    ``real``, on the real long scans too (against the unused pairs, their own variance added; each data
+    set weighs half). With real scans, each real scan is also left out in turn and the fit on the rest
+    scored on it: the coverage a scan never seen by the fit gets (logged, returned under ``"cv"``)."""
+    table: dict = {}
+    for k in ks:
+        sim = raw_inputs(series, k, model, handler, 1)
+        if not sim:
+            continue
+        rows = raw_inputs(real, k, model, handler, groups) if real else []
+        a, b = (
+            fit_inputs(sim, rows)
+            if rows
+            else fit_ab(*(np.concatenate([i[key] for i in sim]) for key in ("error", "raw", "head")))
+        )
+        table[k] = [round(a, 3), round(b, 3)]
+        log(f"fit k={k}: a {a:.3f}, b {b:.3f} on {len(sim)} simulated + {len(rows)} real inputs")
+        if rows:
+            cv = {}
+            for name in dict.fromkeys(i["series"] for i in rows):
+                fa, fb = fit_inputs(sim, [i for i in rows if i["series"] != name])
+                cv[name] = (fa, fb, [i for i in rows if i["series"] == name])
+            sds = [
+                np.sqrt(fa * fa * i["raw"] ** 2 + fb * fb * i["head"] ** 2) for fa, fb, ins in cv.values() for i in ins
+            ]
+            held = [i for _, _, ins in cv.values() for i in ins]
+            pooled = interval_scores(
+                np.concatenate([i["error"] for i in held]),
+                np.concatenate(sds),
+                np.concatenate([i["ref_var"] for i in held]),
+            )
+            per_scan = {name: calibrated_scores(ins, fa, fb) | {"a": fa, "b": fb} for name, (fa, fb, ins) in cv.items()}
+            table.setdefault("cv", {})[k] = {**pooled, "per_scan": per_scan}
+            log(f"  leave one real scan out, k={k}: cov {pooled['coverage']:.3f} z2 {pooled['mean_z2']:.2f}")
     return table
 
 
@@ -338,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--model", action="append", default=None, help="NAME=weights.pt[:config.json...] (default: shipped)"
     )
     parser.add_argument("--fit", action="store_true", help="fit the factor per k on --val (raw maps) and print it")
+    parser.add_argument(
+        "--fit_real",
+        action="store_true",
+        help="with --fit: fit on --val and the --real scans together (and cross-validate)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON")
     parser.add_argument("--figure", type=Path, default=None, help="reliability diagram PNG")
     args = parser.parse_args(argv)
@@ -353,8 +439,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.fit:
         if args.val is None:
             raise SystemExit("--fit needs --val (the simulated validation split)")
-        table = fit_calibration(bench.load_series(args.val, True, args.limit), ks, model, handler, log)
+        real = load_real(args.real) if args.fit_real else None
+        table = fit_calibration(
+            bench.load_series(args.val, True, args.limit), ks, model, handler, log, real, args.groups
+        )
+        cv = table.pop("cv", None)
         print(json.dumps({"calibration": {str(k): v for k, v in table.items()}}))
+        if args.out and cv is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            command = "asl-calibration " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+            document = {"command": command, "calibration": table, "leave_one_real_scan_out": cv}
+            args.out.write_text(json.dumps(document, indent=1) + "\n")
         return
     sets: dict[str, list[bench.Series]] = {}
     if args.val:

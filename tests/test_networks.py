@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from asl_enhance.layout import InputLayout
-from asl_enhance.networks import DilatedTwoPathwayNet, GaussianSmooth, ScaleMixingEnhancer
+from asl_enhance.networks import DilatedTwoPathwayNet, GaussianSmooth, NoiseGatedRestore, ScaleMixingEnhancer
 from helpers import BUNDLE, INPUT_CHANNELS
 from monai.bundle import ConfigParser
 
@@ -189,3 +189,64 @@ def test_restore_scripts_and_is_off_by_default():
     x = _bounded_input(0.5)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(net.eval())(x), net(x))
+
+
+FINE_BANDS = [[1.5, 1.5, 0.75], [0.75, 0.75, 0.4], [0.0, 0.0, 0.0]]
+
+
+def _noise(seed: int, shape=(1, 1, 40, 40, 8), sd: float = 1.0) -> torch.Tensor:
+    return sd * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gate_keeps_removed_noise_out_and_a_removed_lesion_in():
+    """Removed noise, with an independent draw of it as the noise: little comes back. A removed block
+    (a lesion filled in) over that noise: most of it comes back."""
+    gate = NoiseGatedRestore(3, FINE_BANDS, alpha=[1, 1, 3])
+    removed_noise, draw = _noise(0), _noise(1)
+    assert gate(removed_noise, draw).std() < 0.3 * removed_noise.std()
+    block = torch.zeros_like(draw)
+    block[:, :, 14:26, 14:26, 2:6] = 2.0
+    back = gate(block + removed_noise, draw)
+    assert back[:, :, 17:23, 17:23, 3:5].mean() > 0.8 * 2.0
+    assert back[:, :, :8, :8].abs().mean() < 0.3 * removed_noise.abs().mean()
+    with pytest.raises(ValueError, match="one value per band"):
+        NoiseGatedRestore(3, FINE_BANDS, alpha=[1, 1])
+
+
+def _gated(noise_bound: float = 0.0) -> ScaleMixingEnhancer:
+    return ScaleMixingEnhancer(
+        InputLayout(),
+        SIGMAS,
+        noise_bound=noise_bound,
+        features=6,
+        restore_bands=FINE_BANDS,
+        restore_alpha=[1, 1, 3],
+        restore_sigma=[1.5, 1.5, 0.75],
+    ).eval()
+
+
+def test_gate_returns_a_noise_free_input_whole_and_scales():
+    """Twin zero (the pairs agree, or all pairs of a clean scan): every band is perfusion, the input
+    comes back whole even without the noise bound; scaling the input scales the output."""
+    net = _gated()
+    x = _bounded_input(0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), x[:, :1], atol=1e-5, rtol=0)
+        noisy = _bounded_input(0.7)
+        scaled = noisy.clone()
+        scaled[:, [0, 2]] *= 10.0
+        torch.testing.assert_close(net(scaled), 10.0 * net(noisy), atol=1e-4, rtol=1e-4)
+
+
+def test_gate_applies_with_a_twin_and_the_fixed_restore_without():
+    """k = 1 (no twin, flag 0): the fixed coarse restore; k >= 2: the gate; both script."""
+    gated, fixed = _gated(), ScaleMixingEnhancer(InputLayout(), SIGMAS, features=6, restore_sigma=[1.5, 1.5, 0.75])
+    fixed.load_state_dict(gated.state_dict())
+    single, paired = _bounded_input(0.0, flag=0.0), _bounded_input(0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(single), fixed.eval()(single))
+        assert (gated(paired) - fixed(paired)).abs().max() > 1e-3
+        scripted = torch.jit.script(gated)
+        torch.testing.assert_close(scripted(paired), gated(paired))
+    with pytest.raises(ValueError, match="noise twin"):
+        ScaleMixingEnhancer(InputLayout(use_noise_twin=False), SIGMAS, restore_bands=FINE_BANDS)

@@ -323,6 +323,27 @@ def test_calibration_scores_and_multi_pld_restriction():
     assert calibration.single_pld(single) is single
 
 
+def test_joint_calibration_fit_adds_the_reference_variance_and_weighs_data_sets_equally():
+    """The fit recovers (a, b) when the errors' variance is a^2 raw^2 + b^2 head^2 + the reference's
+    variance; a real set with a 10x larger voxel count does not outweigh the simulated one."""
+    from asl_bench import calibration
+
+    rng = np.random.default_rng(1)
+
+    def inputs(n: int, a: float, b: float, ref: float) -> list[dict]:
+        raw, head = np.abs(rng.normal(1.0, 0.5, n)), np.full(n, 0.8)
+        sd = np.sqrt(a * a * raw**2 + b * b * head**2 + ref)
+        return [{"series": "x", "error": rng.normal(0.0, sd), "raw": raw, "head": head, "ref_var": np.full(n, ref)}]
+
+    real = inputs(40000, 1.5, 0.5, 2.0)
+    a, b = calibration.fit_ab(*(real[0][key] for key in ("error", "raw", "head", "ref_var")))
+    assert a == pytest.approx(1.5, rel=0.05) and b == pytest.approx(0.5, abs=0.15)
+    a_joint, _ = calibration.fit_inputs(inputs(4000, 1.0, 0.5, 0.0), real)
+    assert 1.1 < a_joint < 1.4  # between the two sets' own factors, not pulled to the larger one
+    scores = calibration.calibrated_scores(real, 1.5, 0.5)
+    assert scores["coverage"] == pytest.approx(0.95, abs=0.01)
+
+
 @pytest.mark.slow
 def test_bundle_runs_write_sd_maps_and_score_them(tmp_path):
     """inference.json writes the SD maps of a k = 2 series (none at k = 1, with the reason), and the

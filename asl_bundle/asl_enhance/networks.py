@@ -131,6 +131,56 @@ DEFAULT_SIGMAS: tuple[tuple[float, float, float], ...] = (
 )
 
 
+class NoiseGatedRestore(nn.Module):
+    """Gives back each band of what a denoiser removed that the noise it removed cannot explain.
+
+    Bands are differences of Gaussians at ``band_sigmas`` (coarse to fine; a last width of 0 makes the
+    finest band reach single voxels): band 0 = G_0(z), band b = G_b(z) - G_(b-1)(z). In each band the
+    removed part r_b is perfusion plus removed noise; the noise part has the band energy of ``noise``
+    (the removed part of a perfusion-free draw with the same statistics), so the share of r_b that is
+    perfusion is the spectral-subtraction gain g_b = max(0, 1 - alpha E[n_b^2] / E[r_b^2]), energies
+    averaged in a Gaussian window ``window_scale`` times the band's width (at least ``min_window``);
+    alpha > 1 leaves less noise back where the energies are few samples (the finest band), alpha 0 gives a
+    band back whole (the coarsest: noise has little power there).
+    Where the input is clean (all pairs, high SNR) the gain is 1 and the input comes back; where the
+    noise explains the change (a flat region at low SNR) nothing does.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        band_sigmas: Sequence[Sequence[float]],
+        window_scale: float = 2.0,
+        min_window: Sequence[float] = NOISE_WINDOW,
+        alpha: float | Sequence[float] = 1.0,
+    ):
+        super().__init__()
+        self.blurs = nn.ModuleList([GaussianSmooth(spatial_dims, list(s)[:spatial_dims]) for s in band_sigmas])
+        windows = [
+            [max(float(w), window_scale * float(v)) for w, v in zip(min_window, list(s)[:spatial_dims])]
+            for s in band_sigmas
+        ]
+        self.windows = nn.ModuleList([GaussianSmooth(spatial_dims, w) for w in windows])
+        alphas = [float(a) for a in (alpha if isinstance(alpha, Sequence) else [alpha] * len(band_sigmas))]
+        if len(alphas) != len(band_sigmas):
+            raise ValueError(f"alpha needs one value per band ({len(band_sigmas)}), got {alphas}")
+        self.alphas = alphas
+
+    def forward(self, removed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        restored = torch.zeros_like(removed)
+        coarser_r = torch.zeros_like(removed)
+        coarser_n = torch.zeros_like(noise)
+        for i, (blur, window) in enumerate(zip(self.blurs, self.windows)):
+            r, n = blur(removed), blur(noise)
+            band_r, band_n = r - coarser_r, n - coarser_n
+            energy_r = window(band_r * band_r)
+            energy_n = window(band_n * band_n)
+            gain = torch.clamp(1.0 - self.alphas[i] * energy_n / energy_r.clamp_min(1e-12), 0.0, 1.0)
+            restored = restored + gain * band_r
+            coarser_r, coarser_n = r, n
+        return restored
+
+
 class ScaleMixingEnhancer(nn.Module):
     """Output = per-voxel softmax mix of the k-pair mean blurred at several widths (+ a residual).
 
@@ -141,11 +191,16 @@ class ScaleMixingEnhancer(nn.Module):
     initialisation (zero last layer) the output is the average of the stack. ``residual`` adds a free
     correction channel for fine detail.
 
-    ``restore_sigma`` (voxels per axis; 0 = off) gives back what the mix removed at coarse scales:
-    output = mix + G(mean - mix). Noise has little power that coarse, while a lesion or a region the
-    guide does not show that the mix filled in is mostly there, so the contrast comes back at little
-    cost in error (a linear step: it works at k = 1 too, scripts, and the SD map sees it). Kim et al.'s
+    ``restore_bands`` (with a noise twin, k >= 2) gives back, band by band, what the mix removed that the
+    noise it removed cannot explain (:class:`NoiseGatedRestore`; the removed noise is the twin minus the
+    same mix of its blurs): a lesion or tissue pattern the guide does not show comes back where it stands
+    out of the noise, a clean input (all pairs, high SNR) comes back whole, and low-SNR noise stays
+    removed. ``restore_alpha`` (per band; 0 gives the band back whole) and ``restore_window`` (the
+    smallest window of the band energies) tune it. ``restore_sigma`` (voxels per axis; 0 = off) is the
+    fixed step for inputs without a twin (k = 1), and for every input when there are no bands: output =
+    mix + G(mean - mix), what was removed at coarse scales, where noise has little power. Kim et al.'s
     residual learning has no such guard; a learned mix of blurs over-smooths perfusion the guide lacks.
+    Both are linear in the input's scale, script, and the SD map sees them.
 
     ``noise_bound`` > 0 clips the change to the k-pair mean at ``noise_bound`` local noise standard
     deviations, measured from the noise twin's energy in a Gaussian window (``noise_window``, voxels):
@@ -167,6 +222,9 @@ class ScaleMixingEnhancer(nn.Module):
         spatial_dims: int = 3,
         noise_window: float | Sequence[float] = NOISE_WINDOW,
         restore_sigma: float | Sequence[float] = 0.0,
+        restore_bands: Sequence[Sequence[float]] = (),
+        restore_alpha: float | Sequence[float] = 1.0,
+        restore_window: Sequence[float] = NOISE_WINDOW,
     ):
         super().__init__()
         layout = layout or InputLayout()
@@ -190,21 +248,47 @@ class ScaleMixingEnhancer(nn.Module):
         self.noise_window = GaussianSmooth(spatial_dims, list(window)[:spatial_dims])
         restore = restore_sigma if isinstance(restore_sigma, Sequence) else [restore_sigma] * spatial_dims
         self.restore = GaussianSmooth(spatial_dims, list(restore)[:spatial_dims])
+        if restore_bands and layout.twin_channel is None:
+            raise ValueError("restore_bands needs the noise twin (layout.use_noise_twin); leave it empty without it")
+        self.gate = (
+            NoiseGatedRestore(spatial_dims, restore_bands, min_window=restore_window, alpha=restore_alpha)
+            if restore_bands
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed, weights = self.mix(x)
+        return self.finish(x, mixed, weights)
+
+    def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's proposal (B, 1, ...) and its per-voxel weights over the blurred stack."""
         mean = x[:, :1]
-        stack = torch.cat([smooth(mean) for smooth in self.smoothers], dim=1)
+        stack = self.blur_stack(mean)
         out = self.backbone(torch.cat([x, stack], dim=1))
         weights = torch.softmax(out[:, : self.num_scales], dim=1)
         mixed = (weights * stack).sum(dim=1, keepdim=True)
         if self.residual:
             mixed = mixed + out[:, self.num_scales : self.num_scales + 1]
-        if not self.restore.identity:  # give back what was removed at coarse scales: noise is not there
-            mixed = mixed + self.restore(mean - mixed)
+        return mixed, weights
+
+    def blur_stack(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([smooth(image) for smooth in self.smoothers], dim=1)
+
+    def finish(self, x: torch.Tensor, mixed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Give back what noise cannot explain, then bound the change by what it can."""
+        mean = x[:, :1]
+        present = x[:, self.twin_channel + 1 : self.twin_channel + 2]
+        removed = mean - mixed
+        if self.gate is not None:  # with a twin: what the noise the mix removed cannot explain, per band
+            twin = x[:, self.twin_channel : self.twin_channel + 1]
+            twin_removed = twin - (weights * self.blur_stack(twin)).sum(dim=1, keepdim=True)
+            fixed = self.restore(removed) if not self.restore.identity else torch.zeros_like(removed)
+            mixed = mixed + torch.where(present > 0.5, self.gate(removed, twin_removed), fixed)
+        elif not self.restore.identity:  # what was removed at coarse scales: noise has little power there
+            mixed = mixed + self.restore(removed)
         if self.noise_bound > 0:
             limit = self.noise_bound * self.local_noise_sd(x)
             bounded = mean + torch.maximum(torch.minimum(mixed - mean, limit), -limit)
-            present = x[:, self.twin_channel + 1 : self.twin_channel + 2]
             mixed = torch.where(present > 0.5, bounded, mixed)
         return mixed
 

@@ -11,8 +11,9 @@ pass each). The enhanced map's error also has a bias part (smoothing) that no no
 that varies less across the head than the noise response does, so the calibrated map is
 ``sqrt(a^2 * raw^2 + b^2 * head^2)`` inside the head mask (``a * raw`` outside, where there is no
 perfusion to smooth), where ``head`` is the raw map's RMS over the head mask, with
-(a, b) per k fitted on the simulated validation split against the noise-free truth by maximum
-likelihood (:data:`CALIBRATION`). ``studies/uncertainty`` holds the measurements that chose the
+(a, b) per k fitted by maximum likelihood on the simulated validation split against the noise-free
+truth and on real long scans against their unused pairs (that reference's own noise variance added),
+each half the weight (:data:`CALIBRATION`). ``studies/uncertainty`` holds the measurements that chose the
 estimator, the step and this form.
 
 A single pair (k = 1) has no twin: no map is made (:data:`SINGLE_PAIR_REASON` says why; the measured
@@ -43,14 +44,15 @@ WINDOW = NOISE_WINDOW
 #: finite-difference step along a noise draw, in units of the draw (small: the local linear response)
 EPSILON = 0.1
 #: per k, (a, b) of the calibrated map sqrt(a^2 raw^2 + b^2 head^2) (see the module doc) so that it
-#: covers the error against the noise-free truth, bias included: fitted on the simulated validation
-#: split with one draw (asl-calibration --fit); a k not listed takes the entry of the largest k below it
-#: (the smallest k listed when none is below); a single number is (a, 0)
+#: covers the error, bias included: fitted on the simulated validation split (against the truth) and
+#: on real long scans (against their unused pairs) with one draw (asl-calibration --fit --fit_real;
+#: a real scan left out of the fit is covered about as well, studies/uncertainty); a k not listed takes
+#: the entry of the largest k below it (the smallest k listed when none is below); a single number is (a, 0)
 CALIBRATION: dict[int, tuple[float, float]] = {
-    2: (1.152, 0.79),
-    3: (1.363, 0.0),
-    4: (1.496, 0.135),
-    6: (1.261, 0.774),
+    2: (1.157, 0.483),
+    3: (1.179, 0.505),
+    4: (1.42, 0.0),
+    6: (1.392, 0.0),
 }
 SINGLE_PAIR_REASON = (
     "no SD map for a single pair: without a second pair there is no noise twin, so the network's response to "
@@ -62,14 +64,14 @@ METHOD_TEXT = (
     "input pairs (an independent draw with the k-pair mean's noise statistics; {draws} draw(s)), by a finite "
     "difference (f(mean + {eps} * twin) - f(mean)) / {eps}; calibrated as sqrt(a^2 raw^2 + b^2 head^2) inside "
     "the head mask (a * raw outside it) with head the raw map's RMS over the head mask and (a, b) = ({a}, {b}) "
-    "for k = {k}, fitted on simulated validation subjects against the noise-free truth so that the map covers "
-    "the total error (the smoothing bias as well as the noise)."
+    "for k = {k}, fitted on simulated validation subjects against the noise-free truth and on real long scans "
+    "against their unused pairs, so that the map covers the total error (the smoothing bias as well as the noise)."
 )
 ASSUMPTIONS = [
     "the input pairs are independent repeats with equal noise statistics (the twin then has the mean's noise)",
     "the noise is locally stationary over the window (the map is smooth at that scale)",
     "the network responds to a noise draw about linearly (the finite difference is its Jacobian along the draw)",
-    "the bias part of the error scales like the simulated validation subjects' (one (a, b) per k); it is "
+    "the bias part of the error scales like that of the simulated and real scans of the fit (one (a, b) per k); it is "
     "larger in grey than in white matter, which the map does not know (grey matter is under-covered)",
     "one draw (k = 2) sees one sample of any whole-brain fluctuation (pair level changes): its share of the map "
     "is uncertain by a factor of about 2 per scan",

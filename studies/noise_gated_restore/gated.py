@@ -1,0 +1,244 @@
+"""Noise-gated restore against the fixed one, on real long scans with planted lesions (issue 17).
+
+The network's proposal (mix of blurs + residual) is computed once per input; every variant of the step
+after it (none, fixed Gaussian restore, band-wise noise gate) is applied to that proposal, so a sweep
+costs one network pass per input. Lesions, groups and seeds are the benchmark's (asl_bench.fidelity),
+so the numbers line up with ``asl-benchmark --fidelity``. Writes ``rows.json`` and prints medians.
+
+    python studies/noise_gated_restore/gated.py --out studies/noise_gated_restore/sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from asl_enhance import smoothing
+from asl_enhance.metrics import nmse, nmse_corrected
+from asl_enhance.networks import GaussianSmooth, NoiseGatedRestore
+from asl_enhance.transforms import NormalizeASLd
+
+from asl_bench import core
+from asl_bench import fidelity as fd
+
+FINE = [[1.5, 1.5, 0.75], [0.75, 0.75, 0.4], [0, 0, 0]]
+MW3 = [3, 3, 1.5]
+
+
+def gate(bands, alpha=None, **extra) -> dict:
+    return {"bands": bands, "gate": dict(extra, **({"alpha": alpha} if alpha is not None else {}))}
+
+
+#: every variant measured (names: gate<band widths>, "fix" = first band given back whole (alpha 0),
+#: "+fine" = the 0.75 and single-voxel bands too, a = alpha per band, mw3 = smallest window 3/3/1.5,
+#: w3 / ws1 = window 3x / 1x the band's width)
+VARIANTS: dict[str, dict] = {
+    "none": {},
+    "fixed1.5 (0.7.0)": {"sigma": [1.5, 1.5, 0.75]},
+    "fixed2": {"sigma": [2, 2, 1]},
+    "gate1.5": gate([[1.5, 1.5, 0.75]]),
+    "gate1.0": gate([[1.0, 1.0, 0.5]]),
+    "gate0.75": gate([[0.75, 0.75, 0.4]]),
+    "gate1.5,0.75": gate(FINE[:2]),
+    "gate1.5,0.75 a1,2": gate(FINE[:2], [1, 2]),
+    "gate1.5,0.75 mw3": gate(FINE[:2], min_window=MW3),
+    "gate1.5,0.75 ws1": gate(FINE[:2], window_scale=1.0),
+    "gate1.5+fine": gate(FINE),
+    "gate1.5+fine a1.5": gate(FINE, 1.5),
+    "gate1.5+fine a2": gate(FINE, 2.0),
+    "gate1.5+fine w3": gate(FINE, window_scale=3.0),
+    "gate1.5+fine a1,1,2": gate(FINE, [1, 1, 2]),
+    "gate1.5+fine a1,1,3": gate(FINE, [1, 1, 3]),
+    "gate1.5+fine a1,1.5,3": gate(FINE, [1, 1.5, 3]),
+    "gate1.5+fine a1,2,3": gate(FINE, [1, 2, 3]),
+    "gate1.5+fine a1,2,4": gate(FINE, [1, 2, 4]),
+    "gate1.5+fine a1,3,3": gate(FINE, [1, 3, 3]),
+    "gate1.5+fine a1,1,3 mw3": gate(FINE, [1, 1, 3], min_window=MW3),
+    "gate1.5+fine a1,1,4 mw3": gate(FINE, [1, 1, 4], min_window=MW3),
+    "gate3+fine": gate([[3, 3, 1.5]] + FINE),
+    "gate3,1.5,.75 a1,1,2": gate([[3, 3, 1.5]] + FINE[:2], [1, 1, 2]),
+    "gate3fix,1.5,.75": gate([[3, 3, 1.5]] + FINE[:2], [0, 1, 1]),
+    "gate2.5fix,1.5,.75": gate([[2.5, 2.5, 1.25]] + FINE[:2], [0, 1, 1]),
+    "gate2fix,1,.5": gate([[2, 2, 1], [1, 1, 0.5], [0.5, 0.5, 0.25]], [0, 1, 1]),
+    "gate3fix+fine a0,1,1,3": gate([[3, 3, 1.5]] + FINE, [0, 1, 1, 3]),
+    "gate3fix+fine a0,1,1,3 mw3": gate([[3, 3, 1.5]] + FINE, [0, 1, 1, 3], min_window=MW3),
+    "gate3fix+fine a0,1,1,4 mw3": gate([[3, 3, 1.5]] + FINE, [0, 1, 1, 4], min_window=MW3),
+    "gate2.5fix+fine a0,1,1,2 mw3": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 2], min_window=MW3),
+    "gate2.5fix+fine a0,1,1,3 mw3 (shipped)": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3),
+    "exact gate2.5fix+fine a0,1,1,3 mw3": dict(
+        gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3), exact=True
+    ),
+    "exact gate2.5fix+fine a0,1,1,1 mw3": dict(
+        gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 1], min_window=MW3), exact=True
+    ),
+    "exact gate1.5+fine a1,1,3 mw3": dict(gate(FINE, [1, 1, 3], min_window=MW3), exact=True),
+    "exact gate1.5+fine a1,1,1 mw3": dict(gate(FINE, [1, 1, 1], min_window=MW3), exact=True),
+    "gate2.5fix,1.25,.6,0 a0,1,1,3 mw3": gate(
+        [[2.5, 2.5, 1.25], [1.25, 1.25, 0.6], [0.6, 0.6, 0.3], [0, 0, 0]], [0, 1, 1, 3], min_window=MW3
+    ),
+    "gate2fix,1,.5,0 a0,1,1,3 mw3": gate(
+        [[2, 2, 1], [1, 1, 0.5], [0.5, 0.5, 0.25], [0, 0, 0]], [0, 1, 1, 3], min_window=MW3
+    ),
+}
+
+
+def set_variant(net, variant: dict) -> None:
+    sigma = variant.get("sigma", [0, 0, 0])
+    net.restore = GaussianSmooth(3, sigma)
+    bands = variant.get("bands")  # with a twin; without one (k = 1) the fixed sigma (none here)
+    net.gate = NoiseGatedRestore(3, bands, **variant.get("gate", {})) if bands else None
+
+
+def finish_exact(net, x: torch.Tensor, mixed: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+    """As the network's finish, but the removed noise is the twin minus the whole proposal's response to
+    it (a finite difference through the backbone: one more pass), not only the mix of its blurs."""
+    mean, twin = x[:, :1], x[:, net.twin_channel : net.twin_channel + 1]
+    plus = x.clone()
+    plus[:, :1] += eps * twin
+    twin_removed = twin - (net.mix(plus)[0] - mixed) / eps
+    out = mixed + net.gate(mean - mixed, twin_removed)
+    limit = net.noise_bound * net.local_noise_sd(x)
+    return mean + torch.maximum(torch.minimum(out - mean, limit), -limit)
+
+
+@torch.inference_mode()
+def outputs(model: core.Model, prep: dict, variants: dict[str, dict]) -> dict[str, np.ndarray]:
+    d = NormalizeASLd(keys=("input_mean",), layout=model.layout)(prep)
+    x = torch.as_tensor(d["image"][None])
+    mixed, weights = model.net.mix(x)
+    has_twin = bool(x[:, model.net.twin_channel + 1].mean() > 0.5)
+    out = {}
+    for name, variant in variants.items():
+        set_variant(model.net, variant)
+        if variant.get("exact") and has_twin:
+            out[name] = finish_exact(model.net, x, mixed)[0, 0].numpy() * float(d["scale"])
+        else:
+            out[name] = model.net.finish(x, mixed, weights)[0, 0].numpy() * float(d["scale"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="network=asl_bundle/models/model.pt")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sim_dir", type=Path, default=None, help="simulated series: NMSE against the truth")
+    args = p.parse_args()
+    variants = {k: v for k, v in VARIANTS.items() if args.variants is None or k in args.variants}
+    model = core.build_model(args.model, core.INFERENCE_CONFIG)
+    real = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
+    extra, _ = fd.load_real([Path("../shared/real-asl")])
+    series = real + extra
+    opts = fd.Options()
+    rows = []
+    for si, s in enumerate(series):
+        start = time.perf_counter()
+        pairs = s.item["pairs"]
+        allmean = pairs.mean(axis=0)
+        gm, wm = fd.quantile_masks(allmean, s.brain)
+        tissue = fd.solid_head(s.brain)
+        for k in args.ks:
+            for gi, group in enumerate(core.groups_for(s.num_pairs, k, opts.groups)):
+                rng = np.random.default_rng([opts.seed, si, k, gi])
+                lesions = fd.place_lesions(allmean, tissue, s.voxel, fd.LESIONS, opts.per_type, rng)
+                planted = dataclasses.replace(s, item=dict(s.item, pairs=fd.plant_lesions(pairs, lesions, s.voxel)))
+                truth = planted.item["pairs"].mean(axis=0)
+                regions = {
+                    sp.name: [fd.lesion_regions(s.brain.shape, c, sp, s.voxel, tissue) for q, c in lesions if q == sp]
+                    for sp in fd.LESIONS
+                }
+                prep = core.prepare(s, group)
+                prep_l = core.prepare(planted, group)
+                plain, lesioned = outputs(model, prep, variants), outputs(model, prep_l, variants)
+                ref, var = prep["other_mean"], prep["target_noise_var"]
+                for w in fd.GAUSS_WIDTHS:
+                    name = f"gauss_{w:g}"
+                    sig = smoothing.sigma_in_voxels(w * float(min(s.voxel[:2])), s.voxel)
+                    plain[name] = smoothing.gaussian_smooth(prep["input_mean"], sig)
+                    lesioned[name] = smoothing.gaussian_smooth(prep_l["input_mean"], sig)
+                plain["mean_k"], lesioned["mean_k"] = prep["input_mean"], prep_l["input_mean"]
+                for name, out in plain.items():
+                    row = {"scan": s.name, "k": k, "group": gi, "method": name}
+                    row["nmse"] = nmse_corrected(out, ref, var, s.brain)
+                    row["removed"] = fd.structure_removed(prep["input_mean"], out, ref, s.brain, var)
+                    row["gm_wm"] = fd.tissue_ratio_rel(out, ref, gm, wm)
+                    for sp in fd.LESIONS:
+                        row[f"cr_{sp.name}"] = fd.contrast_recovery(lesioned[name], truth, regions[sp.name])
+                    rows.append(row)
+        prep = core.prepare(s, list(range(s.num_pairs)))
+        for name, out in outputs(model, prep, variants).items():
+            row = {"scan": s.name, "k": s.num_pairs, "group": "all", "method": name}
+            row.update(fd.no_harm(prep["input_mean"], out, gm, wm))
+            rows.append(row)
+        print(f"{s.name}: {time.perf_counter() - start:.0f}s", flush=True)
+    if args.sim_dir:
+        rows += simulated(model, args.sim_dir, args.ks, variants)
+    args.out.write_text(json.dumps(rows, indent=1))
+    report(rows, args.ks)
+
+
+def simulated(model: core.Model, sim_dir: Path, ks, variants: dict[str, dict]) -> list[dict]:
+    """NMSE against the noise-free truth on simulated subjects (first k pairs as input)."""
+    rows = []
+    for s in core.load_series(sim_dir, True, None):
+        for k in ks:
+            prep = core.prepare(s, list(range(k)))
+            outs = outputs(model, prep, variants)
+            for w in fd.GAUSS_WIDTHS:
+                sig = smoothing.sigma_in_voxels(w * float(min(s.voxel[:2])), s.voxel)
+                outs[f"gauss_{w:g}"] = smoothing.gaussian_smooth(prep["input_mean"], sig)
+            for name, out in outs.items():
+                rows.append(
+                    {"scan": s.name, "k": k, "group": "sim", "method": name, "nmse": nmse(out, s.truth, s.brain)}
+                )
+    return rows
+
+
+def report(rows: list[dict], ks) -> None:
+    cols = ["cr_hypo_r5", "cr_hypo_r2.5", "cr_hyper_r3.5", "removed", "nmse"]
+    for k in ks:
+        kr = [r for r in rows if r["k"] == k and r["group"] not in ("all", "sim")]
+        methods = list(dict.fromkeys(r["method"] for r in kr))
+        print(f"\nk = {k}: method | " + " | ".join(cols) + " | per-scan <= best gauss | within 5%")
+        best = {}
+        for r in kr:
+            if r["method"].startswith("gauss_"):
+                key = (r["scan"], r["group"])
+                best[key] = min(best.get(key, np.inf), r["nmse"])
+        for m in methods:
+            mr = [r for r in kr if r["method"] == m]
+            med = [np.nanmedian([r[c] for r in mr]) for c in cols]
+            ratio = {}
+            for r in mr:
+                ratio.setdefault(r["scan"], []).append(r["nmse"] / best[(r["scan"], r["group"])])
+            per = [np.median(v) for v in ratio.values()]
+            wins = sum(v <= 1.0 for v in per)
+            near = sum(v <= 1.05 for v in per)
+            print(f"{m} | " + " | ".join(f"{v:.3f}" for v in med) + f" | {wins}/{len(per)} | {near}/{len(per)}")
+    for k in ks:
+        sr = [r for r in rows if r["k"] == k and r["group"] == "sim"]
+        if sr:
+            print(
+                f"\nsimulated k = {k}: "
+                + ", ".join(
+                    f"{m} {np.median([r['nmse'] for r in sr if r['method'] == m]):.4f}"
+                    for m in dict.fromkeys(r["method"] for r in sr)
+                )
+            )
+    nr = [r for r in rows if r["group"] == "all"]
+    print("\nall pairs: method | GM change | WM change | ok")
+    for m in dict.fromkeys(r["method"] for r in nr):
+        mr = [r for r in nr if r["method"] == m]
+        gmc = np.median([r["noharm_gm_change"] for r in mr])
+        wmc = np.median([r["noharm_wm_change"] for r in mr])
+        print(f"{m} | {gmc:+.3f} | {wmc:+.3f} | {int(sum(r['noharm_ok'] for r in mr))}/{len(mr)}")
+
+
+if __name__ == "__main__":
+    main()
