@@ -440,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.val is None:
             raise SystemExit("--fit needs --val (the simulated validation split)")
         real = load_real(args.real) if args.fit_real else None
+        handler.single_pair = handler.single_pair or 1 in ks  # a k = 1 fit needs the single-pair draw
         table = fit_calibration(
             bench.load_series(args.val, True, args.limit), ks, model, handler, log, real, args.groups
         )

@@ -96,6 +96,20 @@ def test_scaling_the_input_scales_the_map(shipped, k):
     np.testing.assert_allclose(sd_scaled, 7.5 * sd, rtol=1e-3, atol=1e-6 * sd.max())
 
 
+def test_single_pair_map_scales_and_needs_its_calibration(shipped):
+    """k = 1: the map comes from the pair's high-pass (no twin): it scales with the input, and a handler
+    asked for it without a k = 1 calibration refuses at construction."""
+    net, handler = shipped
+    volumes, _, _ = phantom_series(SHAPE, num_pairs=1, seed=4)
+    pairs = (volumes[..., 1:2] - volumes[..., 2:3]).transpose(3, 0, 1, 2).astype(np.float32)
+    _, sd = _sd(net, handler, pairs, volumes[..., 0])
+    _, sd_scaled = _sd(net, handler, 7.5 * pairs, 7.5 * volumes[..., 0])
+    assert sd.max() > 0
+    np.testing.assert_allclose(sd_scaled, 7.5 * sd, rtol=1e-3, atol=1e-6 * sd.max())
+    with pytest.raises(ValueError, match="k = 1"):
+        unc.EnhancedSDHandler(calibration={2: (1.0, 0.0)}, single_pair=True)
+
+
 def test_more_draws_use_the_other_pair_contrasts(shipped):
     net, _ = shipped
     volumes, _, _ = phantom_series(SHAPE, num_pairs=4, seed=5)
@@ -162,7 +176,8 @@ def test_handler_puts_an_sd_map_into_each_output_item(shipped, dataset):
     assert float(two["pred_sd"].max()) > 0
     info = json.loads(two["pred_sd_info"])
     assert "noise twin" in info["UncertaintyMethod"] and info["UncertaintySettings"]["draws"] == 1
-    assert "pred_sd" not in one and "single pair" in one["pred_sd_note"]
+    assert float(one["pred_sd"].max()) > 0  # one pair: a map from its high-pass, flagged as assumed
+    assert "ASSUMED" in json.loads(one["pred_sd_info"])["UncertaintyAssumptions"][0]
     # the map is the one sd_map gives for that item alone
     image = torch.as_tensor(items[0]["image"][None])
     pred = torch.as_tensor(items[0]["pred"][None]) / float(items[0]["scale"])
@@ -187,7 +202,11 @@ def test_one_series_outside_ignite_gets_the_same_map_and_files(shipped, dataset,
     sd, fields = handler.item_sd(net, two, image, pred)
     np.testing.assert_allclose(sd, engine.state.output[0]["pred_sd"][0].numpy(), rtol=1e-5, atol=1e-7)
     assert fields == json.loads(engine.state.output[0]["pred_sd_info"])
-    none, why = handler.item_sd(net, one, torch.as_tensor(one["image"][None]), torch.as_tensor(one["pred"][None]))
+    one_image, one_pred = torch.as_tensor(one["image"][None]), torch.as_tensor(one["pred"][None]) / float(one["scale"])
+    single, single_fields = handler.item_sd(net, one, one_image, one_pred)
+    assert single is not None and single.max() > 0 and "high-pass" in single_fields["UncertaintyMethod"]
+    off = unc.EnhancedSDHandler(calibration=handler.calibration, single_pair=False)
+    none, why = off.item_sd(net, one, one_image, one_pred)
     assert none is None and "single pair" in why["UncertaintyMapNotWrittenReason"]
 
     result = {"enhanced": two["pred"][0], "mean": two["input_mean"], "enhancedsd": sd, "sd_fields": fields, **two}
@@ -346,8 +365,9 @@ def test_joint_calibration_fit_adds_the_reference_variance_and_weighs_data_sets_
 
 @pytest.mark.slow
 def test_bundle_runs_write_sd_maps_and_score_them(tmp_path):
-    """inference.json writes the SD maps of a k = 2 series (none at k = 1, with the reason), and the
-    evaluate.json overlay fills the coverage columns of evaluation.csv, through monai.bundle run."""
+    """inference.json writes the SD maps of a k = 2 series and of a k = 1 series (that one says it is
+    assumed), and the evaluate.json overlay fills the coverage columns of evaluation.csv, through
+    monai.bundle run."""
     from helpers import EVALUATE, bundle_run, write_phantom_dataset
 
     data = write_phantom_dataset(tmp_path / "data", 1, SHAPE, num_pairs=5)
@@ -358,8 +378,8 @@ def test_bundle_runs_write_sd_maps_and_score_them(tmp_path):
     perf2, perf1 = (tmp_path / f"out{k}" / "sub-00" / "perf" for k in ("2", "1"))
     assert (perf2 / "sub-00_desc-enhancedsd_deltam.nii.gz").exists()
     assert (perf2 / "sub-00_desc-enhancedsd_cbf.nii.gz").exists()
-    assert not list(perf1.glob("*enhancedsd*"))
-    assert "UncertaintyMapNotWrittenReason" in json.loads((perf1 / "sub-00_desc-enhanced_deltam.json").read_text())
+    assumptions = json.loads((perf1 / "sub-00_desc-enhancedsd_deltam.json").read_text())["UncertaintyAssumptions"]
+    assert "ASSUMED" in assumptions[0]
     result = bundle_run(EVALUATE, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = (tmp_path / "eval" / "evaluation.csv").read_text().splitlines()

@@ -16,8 +16,11 @@ truth and on real long scans against their unused pairs (that reference's own no
 each half the weight (:data:`CALIBRATION`). ``studies/uncertainty`` holds the measurements that chose the
 estimator, the step and this form.
 
-A single pair (k = 1) has no twin: no map is made (:data:`SINGLE_PAIR_REASON` says why; the measured
-alternative, a scaled high-pass of the pair, is in the study).
+A single pair (k = 1) has no twin, so its noise cannot be measured, only assumed: the draw is then the
+pair's own high-pass (the pair minus its Gaussian blur, :data:`HIGHPASS` voxels), which has about the
+noise's level and fine texture but also holds edges and perfusion texture, and the map gets its own
+(a, b) (:data:`SINGLE_PAIR_ASSUMPTIONS` say what is assumed; ``single_pair`` false writes none and says
+why, :data:`SINGLE_PAIR_REASON`).
 
 Maps are computed in the network's normalised units; the handler multiplies them by the item's
 ``scale`` (homogeneous: scaling the series by c scales the SD map by c; a noise-free input has a zero
@@ -49,15 +52,19 @@ EPSILON = 0.1
 #: a real scan left out of the fit is covered about as well, studies/uncertainty); a k not listed takes
 #: the entry of the largest k below it (the smallest k listed when none is below); a single number is (a, 0)
 CALIBRATION: dict[int, tuple[float, float]] = {
+    1: (8.72, 6.045),
     2: (1.157, 0.483),
     3: (1.179, 0.505),
     4: (1.42, 0.0),
     6: (1.392, 0.0),
 }
+#: Gaussian sigma (voxels) of the blur a single pair's high-pass draw subtracts (studies/single_pair_noise:
+#: its RMS is 0.95-1.36x the pair's noise on real scans)
+HIGHPASS: tuple[float, float, float] = (1.0, 1.0, 0.5)
 SINGLE_PAIR_REASON = (
-    "no SD map for a single pair: without a second pair there is no noise twin, so the network's response to "
-    "noise cannot be measured; a proxy from the pair's own high-pass (studies/uncertainty) is no noise "
-    "measurement (it holds perfusion texture and edges, and its ratio to the noise varies by scan)"
+    "no SD map for a single pair (uncertainty#single_pair is off): without a second pair there is no noise twin, "
+    "so the network's response to noise cannot be measured; the single-pair map (on by default) assumes the "
+    "pair's high-pass stands for its noise"
 )
 METHOD_TEXT = (
     "Local RMS (Gaussian window, sigma {window} voxels) of the network's response to the noise twin of the "
@@ -67,6 +74,21 @@ METHOD_TEXT = (
     "for k = {k}, fitted on simulated validation subjects against the noise-free truth and on real long scans "
     "against their unused pairs, so that the map covers the total error (the smoothing bias as well as the noise)."
 )
+SINGLE_PAIR_METHOD_TEXT = (
+    "One pair: no second pair, so no noise twin. The draw is the pair's own high-pass (the pair minus its "
+    "Gaussian blur, sigma {highpass} voxels); the map is the local RMS (Gaussian window, sigma {window} voxels) of "
+    "the network's response to it, (f(pair + {eps} * highpass) - f(pair)) / {eps}, calibrated as "
+    "sqrt(a^2 raw^2 + b^2 head^2) inside the head mask with (a, b) = ({a}, {b}) for k = 1, fitted on simulated "
+    "validation subjects against the truth and on real long scans against their unused pairs."
+)
+SINGLE_PAIR_ASSUMPTIONS = [
+    "ASSUMED, not measured: the pair's high-pass has the pair's noise level and texture at fine scales (its RMS "
+    "is 0.95-1.36x the noise on real scans); coarse-scale noise and whole-brain fluctuations are not seen",
+    "the high-pass also holds edges and perfusion texture: a noise-free pair still gets a map there, so read it "
+    "as an estimate of where the enhanced map may be wrong (edges, lesion borders), not as a noise measurement",
+    "the noise is locally stationary over the window; the network responds to the draw about linearly",
+    "acquire 2 or more pairs for a map made from the data's own noise",
+]
 ASSUMPTIONS = [
     "the input pairs are independent repeats with equal noise statistics (the twin then has the mean's noise)",
     "the noise is locally stationary over the window (the map is smooth at that scale)",
@@ -184,12 +206,14 @@ def calibrate(raw: torch.Tensor, mask: torch.Tensor | None, a: float, b: float) 
 
 class EnhancedSDHandler:
     """Ignite handler: puts ``pred_sd`` (the calibrated SD of ``pred``, in the input's units) into every
-    output item with k >= 2, and ``pred_sd_note`` (why there is none) into items with a single pair.
+    output item; for a single pair only with ``single_pair`` (its draw is the pair's high-pass: an
+    assumption, see the module doc), else ``pred_sd_note`` says why there is none.
 
     Runs at MODEL_COMPLETED, after the engine's postprocessing and before any ITERATION_COMPLETED
     handler, so per-scan adaptation's networks are still in place and the writers see the map.
     ``draws``: noise draws per input (1: the twin; more use further pair contrasts where k allows, one
-    network pass each; 0: no maps). ``calibration``: {k: [a, b]} (see :data:`CALIBRATION`).
+    network pass each; 0: no maps). ``calibration``: {k: [a, b]} (see :data:`CALIBRATION`; a single-pair
+    map needs an entry for k = 1).
     """
 
     def __init__(
@@ -200,6 +224,8 @@ class EnhancedSDHandler:
         window: Sequence[float] = WINDOW,
         calibration: Mapping[Any, Any] | None = None,
         output_key: str = "pred_sd",
+        single_pair: bool = False,
+        highpass: Sequence[float] = HIGHPASS,
     ):
         self.layout = layout or InputLayout()
         self.draws = int(draws)
@@ -209,6 +235,10 @@ class EnhancedSDHandler:
         self.window = tuple(float(w) for w in window)
         self.calibration = {int(k): _pair(v) for k, v in (CALIBRATION if calibration is None else calibration).items()}
         self.output_key = output_key
+        if single_pair and 1 not in self.calibration:
+            raise ValueError("single_pair maps need a calibration entry for k = 1 (asl-calibration --fit --ks 1)")
+        self.single_pair = bool(single_pair)
+        self.highpass = tuple(float(h) for h in highpass)
 
     def attach(self, engine: Engine) -> None:
         from monai.engines.utils import IterationEvents
@@ -222,12 +252,23 @@ class EnhancedSDHandler:
             "epsilon": self.epsilon,
             "window_sigma_voxels": list(self.window),
             "calibration": {str(k): list(v) for k, v in sorted(self.calibration.items())},
+            "single_pair": self.single_pair,
+            "single_pair_highpass_sigma_voxels": list(self.highpass),
         }
 
     def describe(self, k: int) -> dict[str, Any]:
         """The sidecar fields of a map made from k pairs."""
         draws = min(self.draws, k - 1)
         a, b = calibration_factor(k, self.calibration)
+        if k < 2:
+            text = SINGLE_PAIR_METHOD_TEXT.format(
+                highpass=list(self.highpass), window=list(self.window), eps=self.epsilon, a=a, b=b
+            )
+            return {
+                "UncertaintyMethod": text,
+                "UncertaintyAssumptions": SINGLE_PAIR_ASSUMPTIONS,
+                "UncertaintySettings": self.settings(),
+            }
         text = METHOD_TEXT.format(window=list(self.window), draws=draws, eps=self.epsilon, a=a, b=b, k=k)
         return {
             "UncertaintyMethod": text,
@@ -253,12 +294,15 @@ class EnhancedSDHandler:
         if self.draws <= 0 or twin_channel is None:
             return None
         present = [float(x[twin_channel + 1].max()) > 0.5 for x in images]
-        if not any(present):
+        single = [not ok and self.single_pair for ok in present]
+        if not any(present) and not any(single):
             return None
-        ks = [p.shape[0] if p is not None else 2 for p in (pairs or [None] * len(images))]
+        ks = [
+            p.shape[0] if p is not None else (2 if ok else 1) for p, ok in zip(pairs or [None] * len(images), present)
+        ]
         count = max(1, min([self.draws] + [k - 1 for k, ok in zip(ks, present) if ok]))
         if count == 1:
-            draws = images[:, twin_channel : twin_channel + 1]
+            draws = images[:, twin_channel : twin_channel + 1].clone()
         else:
             assert pairs is not None
             draws = torch.stack(
@@ -269,10 +313,12 @@ class EnhancedSDHandler:
                     for p, ok in zip(pairs, present)
                 ]
             ).to(images.device, images.dtype)
+        for i in (i for i, one in enumerate(single) if one):  # the pair's high-pass, as every draw
+            draws[i] = self.highpass_draw(images[i : i + 1, :1])[0].expand_as(draws[i])
         sd = enhanced_sd(network, images, draws, pred, self.epsilon, window=self.window)
         out = []
         for i, (k, ok) in enumerate(zip(ks, present)):
-            if not ok:
+            if not ok and not single[i]:
                 out.append(torch.zeros_like(sd[i]))
             else:
                 out.append(
@@ -281,6 +327,11 @@ class EnhancedSDHandler:
                     else calibrate(sd[i], None if masks is None else masks[i], *calibration_factor(k, self.calibration))
                 )
         return torch.stack(out)
+
+    def highpass_draw(self, mean: torch.Tensor) -> torch.Tensor:
+        """A single pair's stand-in for a noise draw (B, 1, ...): the pair minus its Gaussian blur."""
+        smooth = GaussianSmooth(mean.dim() - 2, list(self.highpass)[: mean.dim() - 2]).to(mean.device)
+        return mean - smooth(mean)
 
     def __call__(self, engine: Engine) -> None:
         if self.draws <= 0:
@@ -292,7 +343,7 @@ class EnhancedSDHandler:
         for i, (b, o) in enumerate(zip(batch, output)):
             if b.get("error") or "pred" not in o:
                 continue
-            if len(json.loads(b.get("input_pairs") or "[]")) < 2:
+            if len(json.loads(b.get("input_pairs") or "[]")) < 2 and not self.single_pair:
                 o[f"{self.output_key}_note"] = SINGLE_PAIR_REASON
                 continue
             wanted.append(i)
@@ -325,8 +376,10 @@ class EnhancedSDHandler:
         fields, or None and the reason there is none (a single pair)."""
         scale = float(np.asarray(item["scale"]))
         k = len(json.loads(item.get("input_pairs") or "[]"))
-        if k < 2 or self.draws <= 0:
-            return None, {"UncertaintyMapNotWrittenReason": SINGLE_PAIR_REASON if k < 2 else "SD maps turned off"}
+        if self.draws <= 0:
+            return None, {"UncertaintyMapNotWrittenReason": "SD maps turned off"}
+        if k < 2 and not self.single_pair:
+            return None, {"UncertaintyMapNotWrittenReason": SINGLE_PAIR_REASON}
         mask = item.get("mask")
         masks = None if mask is None else torch.as_tensor(np.asarray(mask)).reshape(1, 1, *image.shape[2:])
         with evaluating(network):
@@ -338,7 +391,7 @@ class EnhancedSDHandler:
     def _pairs(self, item: dict, scale: float) -> np.ndarray:
         """The item's input pairs in normalised units (only their count is used for one draw)."""
         used = json.loads(item["input_pairs"])
-        if self.draws <= 1:
+        if self.draws <= 1 or len(used) < 2:
             return np.zeros((len(used), 1, 1, 1), np.float32)
         pairs = item["pairs"]
         pairs = pairs.cpu().numpy() if isinstance(pairs, torch.Tensor) else np.asarray(pairs)
