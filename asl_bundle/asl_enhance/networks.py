@@ -207,7 +207,8 @@ class ScaleMixingEnhancer(nn.Module):
     where the input pairs agree the mean is kept, so a clean or high-SNR input is not blurred, and no
     voxel moves by more than its noise can explain. A hard clip leaves every smaller change exactly as
     the network made it (a tanh limit, tried, shrank them all). Inputs without a twin (k = 1) are not
-    bounded.
+    bounded. With the gate the bundle leaves it off (the gate already returns a clean input whole; the
+    bound then only kept noise the network had removed, studies/noise_gated_restore).
     """
 
     def __init__(
