@@ -23,8 +23,8 @@ noise's level and fine texture but also holds edges and perfusion texture, and t
 why, :data:`SINGLE_PAIR_REASON`).
 
 Maps are computed in the network's normalised units; the handler multiplies them by the item's
-``scale`` (homogeneous: scaling the series by c scales the SD map by c; a noise-free input has a zero
-twin and a zero map).
+``scale`` (homogeneous: scaling the series by c scales the SD map by c; a noise-free input of k >= 2
+pairs has a zero twin and a zero map, a single noise-free pair does not).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ CALIBRATION: dict[int, tuple[float, float]] = {
 HIGHPASS: tuple[float, float, float] = (1.0, 1.0, 0.5)
 SINGLE_PAIR_REASON = (
     "no SD map for a single pair (uncertainty#single_pair is off): without a second pair there is no noise twin, "
-    "so the network's response to noise cannot be measured; the single-pair map (on by default) assumes the "
+    "so the network's response to noise cannot be measured; the single-pair map (on in inference.json) assumes the "
     "pair's high-pass stands for its noise"
 )
 METHOD_TEXT = (
