@@ -291,25 +291,32 @@ def raw_inputs(series: list[bench.Series], k: int, model, handler, groups: int) 
     return out
 
 
-def fit_inputs(simulated: list[dict], real: list[dict]) -> tuple[float, float]:
-    """(a, b) on simulated and real inputs together, each data set weighing half (voxel weights)."""
-    parts = [(simulated, 1.0), (real, 1.0)]
+def fit_inputs(*sets: list[dict]) -> tuple[float, float]:
+    """(a, b) on the inputs of one or more data sets together, each set weighing the same (voxel
+    weights 1 / the set's voxel count)."""
     keys = ("error", "raw", "head", "ref_var")
-    arrays = {key: [] for key in (*keys, "weight")}
-    for inputs, share in parts:
-        total = sum(len(i["error"]) for i in inputs)
-        for i in inputs:
-            for key in keys:
-                arrays[key].append(i[key])
-            arrays["weight"].append(np.full(len(i["error"]), share / max(total, 1)))
-    return fit_ab(*(np.concatenate(arrays[key]) for key in (*keys, "weight")))
+    items, weights = [], []
+    for inputs in sets:
+        voxels = sum(len(i["error"]) for i in inputs)
+        items += inputs
+        weights += [np.full(len(i["error"]), 1.0 / voxels) for i in inputs]
+    return fit_ab(*(np.concatenate([i[key] for i in items]) for key in keys), np.concatenate(weights))
+
+
+def calibrated_sd(item: dict, a: float, b: float) -> np.ndarray:
+    """One input's calibrated SD, sqrt(a^2 raw^2 + b^2 head^2), from its raw map and head RMS."""
+    return np.sqrt(a * a * item["raw"] ** 2 + b * b * item["head"] ** 2)
+
+
+def pooled_scores(inputs: list[dict], sds: list[np.ndarray]) -> dict[str, float]:
+    """Coverage and mean z^2 of inputs with their SD maps, the reference's variance added."""
+    error = np.concatenate([i["error"] for i in inputs])
+    return interval_scores(error, np.concatenate(sds), np.concatenate([i["ref_var"] for i in inputs]))
 
 
 def calibrated_scores(inputs: list[dict], a: float, b: float) -> dict[str, float]:
     """Coverage and mean z^2 of inputs under (a, b), the reference's variance added."""
-    error = np.concatenate([i["error"] for i in inputs])
-    sd = np.sqrt(np.concatenate([a * a * i["raw"] ** 2 + b * b * i["head"] ** 2 for i in inputs]))
-    return interval_scores(error, sd, np.concatenate([i["ref_var"] for i in inputs]))
+    return pooled_scores(inputs, [calibrated_sd(i, a, b) for i in inputs])
 
 
 def fit_calibration(
@@ -331,28 +338,18 @@ def fit_calibration(
         if not sim:
             continue
         rows = raw_inputs(real, k, model, handler, groups) if real else []
-        a, b = (
-            fit_inputs(sim, rows)
-            if rows
-            else fit_ab(*(np.concatenate([i[key] for i in sim]) for key in ("error", "raw", "head")))
-        )
+        a, b = fit_inputs(sim, rows) if rows else fit_inputs(sim)
         table[k] = [round(a, 3), round(b, 3)]
         log(f"fit k={k}: a {a:.3f}, b {b:.3f} on {len(sim)} simulated + {len(rows)} real inputs")
         if rows:
-            cv = {}
+            per_scan, held, sds = {}, [], []
             for name in dict.fromkeys(i["series"] for i in rows):
                 fa, fb = fit_inputs(sim, [i for i in rows if i["series"] != name])
-                cv[name] = (fa, fb, [i for i in rows if i["series"] == name])
-            sds = [
-                np.sqrt(fa * fa * i["raw"] ** 2 + fb * fb * i["head"] ** 2) for fa, fb, ins in cv.values() for i in ins
-            ]
-            held = [i for _, _, ins in cv.values() for i in ins]
-            pooled = interval_scores(
-                np.concatenate([i["error"] for i in held]),
-                np.concatenate(sds),
-                np.concatenate([i["ref_var"] for i in held]),
-            )
-            per_scan = {name: calibrated_scores(ins, fa, fb) | {"a": fa, "b": fb} for name, (fa, fb, ins) in cv.items()}
+                inputs = [i for i in rows if i["series"] == name]
+                per_scan[name] = calibrated_scores(inputs, fa, fb) | {"a": fa, "b": fb}
+                held += inputs
+                sds += [calibrated_sd(i, fa, fb) for i in inputs]
+            pooled = pooled_scores(held, sds)
             table.setdefault("cv", {})[k] = {**pooled, "per_scan": per_scan}
             log(f"  leave one real scan out, k={k}: cov {pooled['coverage']:.3f} z2 {pooled['mean_z2']:.2f}")
     return table
