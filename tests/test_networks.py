@@ -250,3 +250,54 @@ def test_gate_applies_with_a_twin_and_the_fixed_restore_without():
         torch.testing.assert_close(scripted(paired), gated(paired))
     with pytest.raises(ValueError, match="noise twin"):
         ScaleMixingEnhancer(InputLayout(use_noise_twin=False), SIGMAS, restore_bands=FINE_BANDS)
+
+
+def _small_lesion_scene(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[slice, ...]]:
+    """What a mixer removed from a scan (perfusion texture the noise hides in places, plus noise), the
+    small lesion it also filled in, and an independent draw of that noise."""
+    texture = GaussianSmooth(3, [1.0, 1.0, 0.5])(_noise(seed, sd=6.0))
+    core = (slice(None), slice(None), slice(18, 22), slice(18, 22), slice(3, 5))
+    lesion = torch.zeros_like(texture)
+    lesion[core] = -1.5
+    return texture + _noise(seed + 1), lesion, _noise(seed + 2), core
+
+
+def test_scan_floor_brings_back_a_small_lesion_not_noise():
+    """The local gain under-reads a small lesion in noise; the floor (the band's median gain over the
+    head) gives more of it back. On removed noise alone the median gain is near zero: still no noise."""
+    removed, lesion, draw, core = _small_lesion_scene(3)
+
+    def lesion_back(gate: NoiseGatedRestore) -> float:
+        return float((gate(removed, draw) - gate(removed + lesion, draw))[core].mean())
+
+    plain = NoiseGatedRestore(3, FINE_BANDS, alpha=[1, 1, 3])
+    floored = NoiseGatedRestore(3, FINE_BANDS, alpha=[1, 1, 3], scan_floor=1.0)
+    assert lesion_back(floored) > lesion_back(plain) + 0.05
+    noise, other = _noise(5), _noise(6)
+    assert floored(noise, other).std() < 0.35 * noise.std()
+    assert NoiseGatedRestore(3, FINE_BANDS).scan_floor == 0.0  # off unless asked
+    with pytest.raises(ValueError, match="scan_floor"):
+        NoiseGatedRestore(3, FINE_BANDS, scan_floor=-1.0)
+
+
+def test_scan_floor_is_the_median_over_the_head():
+    gain = torch.ones(2, 1, 4, 4, 2)
+    head = torch.zeros(2, 1, 4, 4, 2, dtype=torch.bool)
+    gain[0, :, :1] = 0.2  # a quarter of the volume, all of the head
+    head[0, :, :1] = True
+    head[1] = True
+    medians = NoiseGatedRestore.head_median(gain, head)
+    torch.testing.assert_close(medians.flatten(), torch.tensor([0.2, 1.0]))
+    assert medians.shape == (2, 1, 1, 1, 1)
+    torch.testing.assert_close(NoiseGatedRestore.head_median(gain, None).flatten(), torch.tensor([1.0, 1.0]))
+
+
+def test_scan_floor_keeps_a_clean_input_whole_and_scripts():
+    net = ScaleMixingEnhancer(
+        InputLayout(), SIGMAS, features=6, restore_bands=FINE_BANDS, restore_alpha=[1, 1, 3], restore_scan_floor=1.0
+    ).eval()
+    with torch.no_grad():
+        clean = _bounded_input(0.0)
+        torch.testing.assert_close(net(clean), clean[:, :1], atol=1e-5, rtol=0)
+        noisy = _bounded_input(0.7)
+        torch.testing.assert_close(torch.jit.script(net)(noisy), net(noisy))

@@ -131,6 +131,10 @@ DEFAULT_SIGMAS: tuple[tuple[float, float, float], ...] = (
 )
 
 
+#: guide level (the guide is scaled to a head mean of 1) above which a voxel counts as head
+HEAD_GUIDE_LEVEL = 0.25
+
+
 class NoiseGatedRestore(nn.Module):
     """Gives back each band of what a denoiser removed that the noise it removed cannot explain.
 
@@ -144,6 +148,11 @@ class NoiseGatedRestore(nn.Module):
     band back whole (the coarsest: noise has little power there).
     Where the input is clean (all pairs, high SNR) the gain is 1 and the input comes back; where the
     noise explains the change (a flat region at low SNR) nothing does.
+
+    ``scan_floor`` > 0 keeps in every voxel at least ``scan_floor`` times the band's median gain over the
+    head (``head`` mask; all voxels without one): a local gain estimated from a few noisy samples
+    under-reads a small lesion, and the scan's typical perfusion share of the band is a floor that
+    follows its SNR (near zero in a noisy scan, so no noise comes back there).
     """
 
     def __init__(
@@ -153,6 +162,7 @@ class NoiseGatedRestore(nn.Module):
         window_scale: float = 2.0,
         min_window: Sequence[float] = NOISE_WINDOW,
         alpha: float | Sequence[float] = 1.0,
+        scan_floor: float = 0.0,
     ):
         super().__init__()
         self.blurs = nn.ModuleList([GaussianSmooth(spatial_dims, list(s)[:spatial_dims]) for s in band_sigmas])
@@ -165,20 +175,37 @@ class NoiseGatedRestore(nn.Module):
         if len(alphas) != len(band_sigmas):
             raise ValueError(f"alpha needs one value per band ({len(band_sigmas)}), got {alphas}")
         self.alphas = alphas
+        if scan_floor < 0:
+            raise ValueError(f"scan_floor must be >= 0, got {scan_floor}")
+        self.scan_floor = float(scan_floor)
 
-    def forward(self, removed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, removed: torch.Tensor, noise: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         restored = torch.zeros_like(removed)
         coarser_r = torch.zeros_like(removed)
         coarser_n = torch.zeros_like(noise)
         for i, (blur, window) in enumerate(zip(self.blurs, self.windows)):
             r, n = blur(removed), blur(noise)
             band_r, band_n = r - coarser_r, n - coarser_n
-            energy_r = window(band_r * band_r)
-            energy_n = window(band_n * band_n)
-            gain = torch.clamp(1.0 - self.alphas[i] * energy_n / energy_r.clamp_min(1e-12), 0.0, 1.0)
+            gain = self.local_gain(i, window(band_r * band_r), window(band_n * band_n))
+            if self.scan_floor > 0:
+                floor = torch.clamp(self.scan_floor * self.head_median(gain, head), 0.0, 1.0)
+                gain = floor + (1.0 - floor) * gain
             restored = restored + gain * band_r
             coarser_r, coarser_n = r, n
         return restored
+
+    def local_gain(self, band: int, energy_r: torch.Tensor, energy_n: torch.Tensor) -> torch.Tensor:
+        """Spectral-subtraction gain: the share of the removed band that the removed noise cannot explain."""
+        return torch.clamp(1.0 - self.alphas[band] * energy_n / energy_r.clamp_min(1e-12), 0.0, 1.0)
+
+    @staticmethod
+    def head_median(gain: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+        """Median gain over each batch item's head voxels, shaped to broadcast against ``gain``."""
+        medians = []
+        for b in range(gain.shape[0]):
+            values = gain[b] if head is None else gain[b][head[b]]
+            medians.append(values.median() if values.numel() > 0 else gain.new_zeros(()))
+        return torch.stack(medians).view([-1] + [1] * (gain.dim() - 1))
 
 
 class ScaleMixingEnhancer(nn.Module):
@@ -195,7 +222,8 @@ class ScaleMixingEnhancer(nn.Module):
     noise it removed cannot explain (:class:`NoiseGatedRestore`; the removed noise is the twin minus the
     same mix of its blurs): a lesion or tissue pattern the guide does not show comes back where it stands
     out of the noise, a clean input (all pairs, high SNR) comes back whole, and low-SNR noise stays
-    removed. ``restore_alpha`` (per band; 0 gives the band back whole) and ``restore_window`` (the
+    removed. ``restore_alpha`` (per band; 0 gives the band back whole), ``restore_scan_floor`` (each band
+    keeps at least this multiple of its median gain over the head) and ``restore_window`` (the
     smallest window of the band energies) tune it. ``restore_sigma`` (voxels per axis; 0 = off) is the
     fixed step for inputs without a twin (k = 1), and for every input when there are no bands: output =
     mix + G(mean - mix), what was removed at coarse scales, where noise has little power. Kim et al.'s
@@ -226,6 +254,7 @@ class ScaleMixingEnhancer(nn.Module):
         restore_bands: Sequence[Sequence[float]] = (),
         restore_alpha: float | Sequence[float] = 1.0,
         restore_window: Sequence[float] = NOISE_WINDOW,
+        restore_scan_floor: float = 0.0,
     ):
         super().__init__()
         layout = layout or InputLayout()
@@ -245,6 +274,8 @@ class ScaleMixingEnhancer(nn.Module):
             raise ValueError("noise_bound needs the noise twin (layout.use_noise_twin); set noise_bound 0 without it")
         self.noise_bound = float(noise_bound or 0.0)
         self.twin_channel = -1 if layout.twin_channel is None else layout.twin_channel
+        self.guide_channel = 1 if layout.use_guide else -1
+        self.head_level = HEAD_GUIDE_LEVEL
         window = noise_window if isinstance(noise_window, Sequence) else [noise_window] * spatial_dims
         self.noise_window = GaussianSmooth(spatial_dims, list(window)[:spatial_dims])
         restore = restore_sigma if isinstance(restore_sigma, Sequence) else [restore_sigma] * spatial_dims
@@ -252,7 +283,13 @@ class ScaleMixingEnhancer(nn.Module):
         if restore_bands and layout.twin_channel is None:
             raise ValueError("restore_bands needs the noise twin (layout.use_noise_twin); leave it empty without it")
         self.gate = (
-            NoiseGatedRestore(spatial_dims, restore_bands, min_window=restore_window, alpha=restore_alpha)
+            NoiseGatedRestore(
+                spatial_dims,
+                restore_bands,
+                min_window=restore_window,
+                alpha=restore_alpha,
+                scan_floor=restore_scan_floor,
+            )
             if restore_bands
             else None
         )
@@ -284,7 +321,8 @@ class ScaleMixingEnhancer(nn.Module):
             twin = x[:, self.twin_channel : self.twin_channel + 1]
             twin_removed = twin - (weights * self.blur_stack(twin)).sum(dim=1, keepdim=True)
             fixed = self.restore(removed) if not self.restore.identity else torch.zeros_like(removed)
-            mixed = mixed + torch.where(present > 0.5, self.gate(removed, twin_removed), fixed)
+            gated = self.gate(removed, twin_removed, self.head(x))
+            mixed = mixed + torch.where(present > 0.5, gated, fixed)
         elif not self.restore.identity:  # what was removed at coarse scales: noise has little power there
             mixed = mixed + self.restore(removed)
         if self.noise_bound > 0:
@@ -292,6 +330,13 @@ class ScaleMixingEnhancer(nn.Module):
             bounded = mean + torch.maximum(torch.minimum(mixed - mean, limit), -limit)
             mixed = torch.where(present > 0.5, bounded, mixed)
         return mixed
+
+    def head(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Head voxels from the guide (scaled to a head mean of 1), where the gate's scan floor is measured;
+        ``None`` (every voxel) without a guide."""
+        if self.guide_channel < 0:
+            return None
+        return x[:, self.guide_channel : self.guide_channel + 1] > self.head_level
 
     def local_noise_sd(self, x: torch.Tensor) -> torch.Tensor:
         """Standard deviation of the k-pair mean's noise near each voxel, from its twin's energy."""

@@ -68,7 +68,7 @@ VARIANTS: dict[str, dict] = {
     "gate3fix+fine a0,1,1,3 mw3": gate([[3, 3, 1.5]] + FINE, [0, 1, 1, 3], min_window=MW3),
     "gate3fix+fine a0,1,1,4 mw3": gate([[3, 3, 1.5]] + FINE, [0, 1, 1, 4], min_window=MW3),
     "gate2.5fix+fine a0,1,1,2 mw3": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 2], min_window=MW3),
-    "gate2.5fix+fine a0,1,1,3 mw3 (shipped)": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3),
+    "gate2.5fix+fine a0,1,1,3 mw3 (0.8.0)": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3),
     "exact gate2.5fix+fine a0,1,1,3 mw3": dict(
         gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3), exact=True
     ),
@@ -80,17 +80,54 @@ VARIANTS: dict[str, dict] = {
     "gate2.5fix,1.25,.6,0 a0,1,1,3 mw3": gate(
         [[2.5, 2.5, 1.25], [1.25, 1.25, 0.6], [0.6, 0.6, 0.3], [0, 0, 0]], [0, 1, 1, 3], min_window=MW3
     ),
+    **{
+        f"0.8.0 + fixed floor {f}": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, fixed_floor=f)
+        for f in ([0, 0.2, 0.2, 0], [0, 0.35, 0.35, 0], [0, 0.5, 0.5, 0], [0, 0.35, 0.35, 0.15], [0, 0.5, 0.5, 0.25])
+    },
+    **{
+        f"0.8.0 + scan floor {c:g}" + (" (0.9.0)" if c == 1 else ""): gate(
+            [[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=c
+        )
+        for c in (0.5, 1, 1.25, 1.5, 2)
+    },
+    **{
+        f"gate a{','.join(map(str, a))} + scan floor {c:g}": gate(
+            [[2.5, 2.5, 1.25]] + FINE, a, min_window=MW3, scan_floor=c
+        )
+        for a in ([1, 1, 1, 3], [0.5, 1, 1, 3])
+        for c in (1, 1.5)
+    },
+    **{
+        f"0.8.0 + fixed floor {f} + scan floor {c:g}": gate(
+            [[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, fixed_floor=f, scan_floor=c
+        )
+        for f, c in (([0, 0, 0.3, 0], 1.5), ([0, 0.2, 0.2, 0], 1), ([0, 0, 0.3, 0], 1), ([0, 0.15, 0.3, 0], 1))
+    },
     "gate2fix,1,.5,0 a0,1,1,3 mw3": gate(
         [[2, 2, 1], [1, 1, 0.5], [0.5, 0.5, 0.25], [0, 0, 0]], [0, 1, 1, 3], min_window=MW3
     ),
 }
 
 
+class FixedFloorGate(NoiseGatedRestore):
+    """The gate with a fixed floor per band (gain = f + (1 - f) g): measured, not adopted (it returns the
+    same share of noise at every SNR; the shipped floor follows the scan's median gain)."""
+
+    def __init__(self, *args, fixed_floor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fixed = [float(f) for f in fixed_floor]
+
+    def local_gain(self, band, energy_r, energy_n):
+        return self.fixed[band] + (1.0 - self.fixed[band]) * super().local_gain(band, energy_r, energy_n)
+
+
 def set_variant(net, variant: dict) -> None:
     sigma = variant.get("sigma", [0, 0, 0])
     net.restore = GaussianSmooth(3, sigma)
     bands = variant.get("bands")  # with a twin; without one (k = 1) the fixed sigma (none here)
-    net.gate = NoiseGatedRestore(3, bands, **variant.get("gate", {})) if bands else None
+    options = dict(variant.get("gate", {}))
+    kind = FixedFloorGate if "fixed_floor" in options else NoiseGatedRestore
+    net.gate = kind(3, bands, **options) if bands else None
 
 
 def finish_exact(net, x: torch.Tensor, mixed: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
