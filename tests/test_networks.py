@@ -290,6 +290,8 @@ def test_scan_floor_is_the_median_over_the_head():
     torch.testing.assert_close(medians.flatten(), torch.tensor([0.2, 1.0]))
     assert medians.shape == (2, 1, 1, 1, 1)
     torch.testing.assert_close(NoiseGatedRestore.head_median(gain, None).flatten(), torch.tensor([1.0, 1.0]))
+    no_head = torch.zeros_like(head)  # a deltaM-only series: zero guide, no head; every voxel counts
+    torch.testing.assert_close(NoiseGatedRestore.head_median(gain, no_head).flatten(), torch.tensor([1.0, 1.0]))
 
 
 def test_scan_floor_keeps_a_clean_input_whole_and_scripts():

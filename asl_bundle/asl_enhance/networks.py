@@ -150,7 +150,7 @@ class NoiseGatedRestore(nn.Module):
     noise explains the change (a flat region at low SNR) nothing does.
 
     ``scan_floor`` > 0 keeps in every voxel at least ``scan_floor`` times the band's median gain over the
-    head (``head`` mask; all voxels without one): a local gain estimated from a few noisy samples
+    head (``head`` mask; all voxels without one or where it is empty): a local gain estimated from a few noisy samples
     under-reads a small lesion, and the scan's typical perfusion share of the band is a floor that
     follows its SNR (near zero in a noisy scan, so no noise comes back there).
     """
@@ -200,11 +200,14 @@ class NoiseGatedRestore(nn.Module):
 
     @staticmethod
     def head_median(gain: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-        """Median gain over each batch item's head voxels, shaped to broadcast against ``gain``."""
+        """Median gain over each batch item's head voxels (every voxel where there is no head: a
+        deltaM-only series has a zero guide), shaped to broadcast against ``gain``."""
         medians = []
         for b in range(gain.shape[0]):
-            values = gain[b] if head is None else gain[b][head[b]]
-            medians.append(values.median() if values.numel() > 0 else gain.new_zeros(()))
+            values = gain[b]
+            if head is not None and bool(head[b].any()):
+                values = values[head[b]]
+            medians.append(values.median())
         return torch.stack(medians).view([-1] + [1] * (gain.dim() - 1))
 
 

@@ -53,8 +53,8 @@ EPSILON = 0.1
 #: the entry of the largest k below it (the smallest k listed when none is below); a single number is (a, 0)
 CALIBRATION: dict[int, tuple[float, float]] = {
     1: (8.72, 6.045),
-    2: (0.976, 0.553),
-    3: (1.162, 0.367),
+    2: (0.976, 0.552),
+    3: (1.161, 0.368),
     4: (1.282, 0.0),
     6: (1.275, 0.0),
 }
