@@ -38,7 +38,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,19 @@ class Pool:
         return out
 
 
+def scored_inputs(
+    series: list[bench.Series], k: int, groups: int
+) -> Iterator[tuple[bench.Series, list[int], dict[str, Any]]]:
+    """Each input of a data set at k, prepared: simulated, the first k pairs; real, up to ``groups``
+    disjoint groups, if at least 2 pairs are left for the reference (one pair has no variance estimate)."""
+    for s in series:
+        simulated = s.truth is not None
+        for group in bench.groups_for(s.num_pairs, k, 1 if simulated else groups):
+            if not simulated and s.num_pairs - k < 2:
+                continue
+            yield s, list(group), bench.prepare(s, group)
+
+
 def score_set(
     label: str,
     series: list[bench.Series],
@@ -206,32 +219,28 @@ def score_set(
     for k in ks:
         start = time.perf_counter()
         pool = Pool()
-        for s in series:
-            for group in bench.groups_for(s.num_pairs, k, 1 if simulated else groups):
-                if not simulated and s.num_pairs - k < 2:
-                    continue  # one reference pair has no variance estimate
-                prep = bench.prepare(s, group)
-                pred, sd = enhance_with_sd(model, handler, prep, np.asarray(s.item["pairs"])[group])
-                if sd is None:
-                    continue
-                mask = s.brain
-                if simulated:
-                    error, ref_var = (pred - s.truth)[mask], np.zeros(int(mask.sum()))
-                    regions = {
-                        "brain": np.ones(int(mask.sum()), bool),
-                        "gm": s.tissues["GM"][mask] > GM_THRESHOLD,
-                        "wm": s.tissues["WM"][mask] > WM_THRESHOLD,
-                        "lesion": (s.lesion if s.lesion is not None else np.zeros_like(mask))[mask],
-                    }
-                else:
-                    error, voxelwise = (pred - prep["other_mean"])[mask], prep["target_noise_var"][mask]
-                    ref_var = local_variance(prep["target_noise_var"])[mask]
-                    regions = {"head": np.ones(int(mask.sum()), bool)}
-                name = f"{s.name} {'-'.join(map(str, group))}"
-                # the network's unit (deltaM level of the input): scans in different units pool fairly
-                unit = float(prep["scale"])
-                voxelwise = None if simulated else voxelwise / unit**2
-                pool.add(name, error / unit, sd[mask] / unit, ref_var / unit**2, regions, voxelwise)
+        for s, group, prep in scored_inputs(series, k, groups):
+            pred, sd = enhance_with_sd(model, handler, prep, np.asarray(s.item["pairs"])[group])
+            if sd is None:
+                continue
+            mask = s.brain
+            if simulated:
+                error, ref_var = (pred - s.truth)[mask], np.zeros(int(mask.sum()))
+                regions = {
+                    "brain": np.ones(int(mask.sum()), bool),
+                    "gm": s.tissues["GM"][mask] > GM_THRESHOLD,
+                    "wm": s.tissues["WM"][mask] > WM_THRESHOLD,
+                    "lesion": (s.lesion if s.lesion is not None else np.zeros_like(mask))[mask],
+                }
+            else:
+                error, voxelwise = (pred - prep["other_mean"])[mask], prep["target_noise_var"][mask]
+                ref_var = local_variance(prep["target_noise_var"])[mask]
+                regions = {"head": np.ones(int(mask.sum()), bool)}
+            name = f"{s.name} {'-'.join(map(str, group))}"
+            # the network's unit (deltaM level of the input): scans in different units pool fairly
+            unit = float(prep["scale"])
+            voxelwise = None if simulated else voxelwise / unit**2
+            pool.add(name, error / unit, sd[mask] / unit, ref_var / unit**2, regions, voxelwise)
         if pool.series_scores:
             pools[k] = pool
             log(f"{label} k={k}: {len(pool.series_scores)} inputs in {time.perf_counter() - start:.0f}s")
@@ -266,28 +275,24 @@ def raw_inputs(series: list[bench.Series], k: int, model, handler, groups: int) 
     """Per input, inside the brain, in the network's unit: the error (simulated: against the truth;
     real: against the unused pairs' mean), the raw map, its head RMS and the reference's variance."""
     out = []
-    for s in series:
+    for s, group, prep in scored_inputs(series, k, groups):
         simulated = s.truth is not None
-        for group in bench.groups_for(s.num_pairs, k, 1 if simulated else groups):
-            if not simulated and s.num_pairs - k < 2:
-                continue
-            prep = bench.prepare(s, group)
-            pred, raw = enhance_with_sd(model, handler, prep, np.asarray(s.item["pairs"])[group], raw=True)
-            if raw is None:
-                continue
-            unit, mask = float(prep["scale"]), s.brain
-            head = float(np.sqrt(np.mean(raw[prep["mask"][0] > 0.5].astype(np.float64) ** 2)))
-            reference = s.truth if simulated else prep["other_mean"]
-            ref_var = np.zeros(int(mask.sum())) if simulated else local_variance(prep["target_noise_var"])[mask]
-            out.append(
-                {
-                    "series": s.name,
-                    "error": (pred - reference)[mask] / unit,
-                    "raw": raw[mask] / unit,
-                    "head": np.full(int(mask.sum()), head / unit),
-                    "ref_var": ref_var / unit**2,
-                }
-            )
+        pred, raw = enhance_with_sd(model, handler, prep, np.asarray(s.item["pairs"])[group], raw=True)
+        if raw is None:
+            continue
+        unit, mask = float(prep["scale"]), s.brain
+        head = float(np.sqrt(np.mean(raw[prep["mask"][0] > 0.5].astype(np.float64) ** 2)))
+        reference = s.truth if simulated else prep["other_mean"]
+        ref_var = np.zeros(int(mask.sum())) if simulated else local_variance(prep["target_noise_var"])[mask]
+        out.append(
+            {
+                "series": s.name,
+                "error": (pred - reference)[mask] / unit,
+                "raw": raw[mask] / unit,
+                "head": np.full(int(mask.sum()), head / unit),
+                "ref_var": ref_var / unit**2,
+            }
+        )
     return out
 
 
