@@ -155,6 +155,7 @@ def test_input_layout_reads_booleans_from_the_command_line():
     assert InputLayout("false", "true") == InputLayout(use_guide=False, use_noise_twin=True)
     assert InputLayout().twin_channel == 2 and InputLayout(use_guide=False).twin_channel == 1
     assert InputLayout(use_noise_twin=False).twin_channel is None
+    assert InputLayout().guide_channel == 1 and InputLayout(use_guide=False).guide_channel is None
     with pytest.raises(ValueError, match="boolean"):
         InputLayout(use_guide="maybe")
 

@@ -31,6 +31,13 @@ def shipped():
     return net, parser.get_parsed_content("uncertainty")
 
 
+def test_shipped_calibration_is_the_modules_table(shipped):
+    """inference.json spells the (a, b) table out for users; it must be the module's CALIBRATION, which a
+    handler built without one uses: one refit, both updated."""
+    _, handler = shipped
+    assert handler.calibration == {k: tuple(v) for k, v in unc.CALIBRATION.items()}
+
+
 def _sd(net, handler, pairs: np.ndarray, guide: np.ndarray, raw: bool = False):
     """(pred, sd) in the pairs' units for a k-pair input, as the bundle computes them."""
     image, scale, _ = network_input(pairs.mean(axis=0), guide, twin=noise_twin(pairs))

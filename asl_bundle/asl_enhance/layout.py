@@ -28,6 +28,11 @@ class InputLayout:
         return 1 + int(self.use_guide) + 2 * int(self.use_noise_twin)
 
     @property
+    def guide_channel(self) -> int | None:
+        """Index of the guide; ``None`` without one."""
+        return 1 if self.use_guide else None
+
+    @property
     def twin_channel(self) -> int | None:
         """Index of the noise twin (its flag follows it); ``None`` without one."""
         return 1 + int(self.use_guide) if self.use_noise_twin else None

@@ -150,9 +150,9 @@ class NoiseGatedRestore(nn.Module):
     noise explains the change (a flat region at low SNR) nothing does.
 
     ``scan_floor`` > 0 keeps in every voxel at least ``scan_floor`` times the band's median gain over the
-    head (``head`` mask; all voxels without one or where it is empty): a local gain estimated from a few noisy samples
-    under-reads a small lesion, and the scan's typical perfusion share of the band is a floor that
-    follows its SNR (near zero in a noisy scan, so no noise comes back there).
+    head (``head`` mask; all voxels without one or where it is empty): a local gain estimated from a few
+    noisy samples under-reads a small lesion, and the scan's typical perfusion share of the band is a
+    floor that follows its SNR (near zero in a noisy scan, so no noise comes back there).
     """
 
     def __init__(
@@ -277,7 +277,7 @@ class ScaleMixingEnhancer(nn.Module):
             raise ValueError("noise_bound needs the noise twin (layout.use_noise_twin); set noise_bound 0 without it")
         self.noise_bound = float(noise_bound or 0.0)
         self.twin_channel = -1 if layout.twin_channel is None else layout.twin_channel
-        self.guide_channel = 1 if layout.use_guide else -1
+        self.guide_channel = -1 if layout.guide_channel is None else layout.guide_channel
         self.head_level = HEAD_GUIDE_LEVEL
         window = noise_window if isinstance(noise_window, Sequence) else [noise_window] * spatial_dims
         self.noise_window = GaussianSmooth(spatial_dims, list(window)[:spatial_dims])

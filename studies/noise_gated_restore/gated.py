@@ -165,10 +165,11 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--out", type=Path, default=None, help="rows JSON (required unless --report)")
     p.add_argument("--report", type=Path, default=None, help="print the tables of an earlier rows JSON and stop")
+    p.add_argument("--versus", default=None, help="also print each method's per-scan NMSE over this method's")
     p.add_argument("--sim_dir", type=Path, default=None, help="simulated series: NMSE against the truth")
     args = p.parse_args()
     if args.report:
-        report(json.loads(args.report.read_text()), args.ks)
+        report(json.loads(args.report.read_text()), args.ks, args.versus)
         return
     if args.out is None:
         p.error("--out is required")
@@ -220,7 +221,7 @@ def main() -> None:
     if args.sim_dir:
         rows += simulated(model, args.sim_dir, args.ks, variants)
     args.out.write_text(json.dumps(rows, indent=1))
-    report(rows, args.ks)
+    report(rows, args.ks, args.versus)
 
 
 def simulated(model: core.Model, sim_dir: Path, ks, variants: dict[str, dict]) -> list[dict]:
@@ -244,7 +245,7 @@ def per_scan(rows: list[dict], scans: list[str], method: str) -> dict[str, float
     return {s: float(np.median([r["nmse"] for r in rows if r["scan"] == s and r["method"] == method])) for s in scans}
 
 
-def report(rows: list[dict], ks) -> None:
+def report(rows: list[dict], ks, versus: str | None = None) -> None:
     cols = ["cr_hypo_r5", "cr_hypo_r2.5", "cr_hyper_r3.5", "removed", "nmse"]
     for k in ks:
         kr = [r for r in rows if r["k"] == k and r["group"] not in ("all", "sim")]
@@ -261,6 +262,12 @@ def report(rows: list[dict], ks) -> None:
             wins = sum(per[s] <= best[s] for s in scans)
             near = sum(per[s] <= 1.05 * best[s] for s in scans)
             print(f"{m} | " + " | ".join(f"{v:.3f}" for v in med) + f" | {wins}/{len(scans)} | {near}/{len(scans)}")
+        if versus in methods:
+            print(f"\nk = {k}: per-scan NMSE over {versus}'s: method | geometric mean | scans higher")
+            base = per_scan(kr, scans, versus)
+            for m in methods:
+                ratio = np.array([per_scan(kr, scans, m)[s] / base[s] for s in scans])
+                print(f"{m} | {np.exp(np.mean(np.log(ratio))):.3f} | {int(np.sum(ratio > 1.005))}/{len(scans)}")
     for k in ks:
         sr = [r for r in rows if r["k"] == k and r["group"] == "sim"]
         if sr:
