@@ -1,13 +1,16 @@
-"""Rebuild the real BIDS-ASL data set (seven public runs) from local clones of two public repositories.
+"""Rebuild the real BIDS-ASL data sets (public runs) from local clones of public repositories.
 
 The project trains and validates on seven real ASL runs that it does not ship (the bundle and its tests must
 not need them), so a user rebuilds them: six Siemens Prisma runs are converted from the DICOM in
 neurolabusc/dcm_qa_asl with dcm2niix (``pip install dcm2niix``), and one already subtracted Oxford run is copied
-from physimals/svb_models_asl. Every parameter choice (protocol values, assumed values, label/control order, the
-volume left out) lives in ``RUNS`` below, each with where it came from, so the data set is reproducible.
+from physimals/svb_models_asl. Two Philips runs of a phantom (neurolabusc/dcm_qa_philips_asl: no perfusion, a
+vendor the model never saw) are for the no-harm checks only, never for training: convert them into a data set of
+their own. Every parameter choice (protocol values, assumed values, label/control order, the volumes left out)
+lives in ``RUNS`` below, each with where it came from, so the data sets are reproducible.
 
     python scripts/convert_real_asl.py --dcm_qa_asl PATH/dcm_qa_asl --svb_models_asl PATH/svb_models_asl \
         --output_dir data/real-asl [--subjects prisma2dpasl oxfordmpld]
+    python scripts/convert_real_asl.py --dcm_qa_philips_asl PATH/dcm_qa_philips_asl --output_dir data/real-phantom
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ SOURCES: dict[str, Source] = {
     "svb_models_asl": Source(
         "https://github.com/physimals/svb_models_asl", "Apache-2.0", "70acbf9d0e8d118648b82149b325f2c03ec64d63"
     ),
+    "dcm_qa_philips_asl": Source(
+        "https://github.com/neurolabusc/dcm_qa_philips_asl", "BSD-2-Clause", "f8fe78ad1321be9a0637d12a40454bab335f729e"
+    ),
 }
 
 
@@ -70,6 +76,7 @@ class Run:
     m0_image: str | None = None  # separate M0 DICOM folder
     m0_sidecar: dict[str, Any] = field(default_factory=dict)  # fixed *_m0scan.json fields
     mask: str | None = None  # brain mask NIfTI shipped with the run
+    phantom: bool = False  # a phantom (no perfusion): for no-harm checks, never for training
 
     @property
     def is_dicom(self) -> bool:
@@ -228,6 +235,50 @@ RUNS: dict[str, Run] = {
             "SliceTiming": [round(0.0452 * i, 6) for i in range(24)],
         },
     ),
+    # Philips Ingenia Elition X, 3 T, software 5.7.1 (dcm2niix), scans of a phantom. dcm_qa_philips_asl's README
+    # and protocol printouts (In/20x_pCASL.txt, In/40x_3D_pCASL_6mm.txt) give the values marked "printout".
+    # dcm2niix writes one volume per dynamic and type in the DICOM's order: control, then label, per dynamic
+    # (MRImageLabelType (2005,1429) of each instance, checked voxel for voxel against dcm2niix's output).
+    "philips2dpcasl": Run(
+        source="dcm_qa_philips_asl",
+        image="In/Classic/202_SOURCE_-_pCASL",  # README: "the raw data for that series (e.g. series 202)"
+        sequence="Philips Ingenia Elition X 3 T, 2D EPI pCASL, PLD 1.8 s; a phantom (no perfusion)",
+        unit=("control", "label"),  # MRImageLabelType per instance: CONTROL, LABEL within each dynamic
+        repeats=30,  # printout: dyn scans 30 (README: 60 volumes, 30 repeats)
+        plds=(1.8,),  # printout: post label delay (ms) 1800
+        phantom=True,
+        sidecar={
+            "ArterialSpinLabelingType": "PCASL",  # printout: Arterial Spin labeling "pCASL"
+            "MRAcquisitionType": "2D",  # dcm2niix
+            "MagneticFieldStrength": 3,  # dcm2niix
+            "LabelingDuration": 1.65,  # assumed: the Philips product default (not in the DICOM or the printout)
+            "BackgroundSuppression": False,  # assumed (not in the printout)
+            "RepetitionTimePreparation": 4.55,  # dcm2niix RepetitionTimeExcitation (printout TR 4550 ms)
+            "EchoTime": 0.015311,  # dcm2niix
+            "M0Type": "Absent",  # no M0 series in the repository
+            # SliceTiming, which BIDS requires for 2D, is not in the DICOM (dcm2niix writes none) and is not known.
+        },
+    ),
+    "philips3dpcasl": Run(
+        source="dcm_qa_philips_asl",
+        image="In/Classic/402_SOURCE_-_3D_pCASL_6mm",  # README: series 402, the raw data of 401
+        sequence="Philips Ingenia Elition X 3 T, 3D GRASE pCASL, PLD 2.0 s, background suppression; a phantom",
+        unit=("control", "label"),  # MRImageLabelType per instance, as the 2D run
+        drop=(0, 1),  # the first dynamic is 2.4x the others' signal (suppression not yet in its steady state)
+        repeats=7,  # printout: 8 dynamics (README: 16 volumes), the first left out
+        plds=(2.0,),  # printout: post label delay (ms) 2000
+        phantom=True,
+        sidecar={
+            "ArterialSpinLabelingType": "PCASL",  # printout
+            "MRAcquisitionType": "3D",  # dcm2niix
+            "MagneticFieldStrength": 3,  # dcm2niix
+            "LabelingDuration": 1.65,  # assumed: the Philips product default (not in the DICOM or the printout)
+            "BackgroundSuppression": True,  # assumed from the signal: dynamics 2-8 are 0.42x the first's
+            "RepetitionTimePreparation": 4.234,  # dcm2niix RepetitionTimeExcitation (printout Act. TR 4234 ms)
+            "EchoTime": 0.0121,  # dcm2niix
+            "M0Type": "Absent",  # no M0 series in the repository
+        },
+    ),
 }
 
 # Key order of the written sidecars (the README's copy); keys not listed follow in their own order.
@@ -294,14 +345,15 @@ def aslcontext_text(run: Run) -> str:
     return "\n".join(["volume_type", *volume_types(run)]) + "\n"
 
 
-def dataset_description(sources: Sequence[str]) -> dict[str, Any]:
+def dataset_description(sources: Sequence[str], phantom_only: bool = False) -> dict[str, Any]:
     """dataset_description.json naming the licence of each source present."""
     parts = []
     for name in (s for s in SOURCES if s in sources):
         subjects = [subject for subject, run in RUNS.items() if run.source == name]
         parts.append(f"{SOURCES[name].licence} ({subjects[0] if len(subjects) == 1 else name + ' runs'})")
+    use = "for no-harm checks (phantom scans)" if phantom_only else "for training and validation"
     return {
-        "Name": "Public real ASL runs (dcm_qa_asl, svb_models_asl) for training and validation",
+        "Name": f"Public real ASL runs ({', '.join(s for s in SOURCES if s in sources)}) {use}",
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
         "License": ", ".join(parts),
@@ -483,28 +535,48 @@ def warn_if_untested(name: str, root: Path) -> None:
 
 
 # ---------------------------------------------------------------- data-set level files ----
-README_HEAD = """# Real ASL runs for training and validation
+README_HEAD = """# {title}
 
-A BIDS-ASL raw data set of whole real ASL runs from two public repositories, rebuilt by the project's
+A BIDS-ASL raw data set of whole real ASL runs from public repositories, rebuilt by the project's
 `scripts/convert_real_asl.py`: the vendors' DICOM converted with dcm2niix (the reference build used
-{dcm2niix}, dcm_qa_asl at {dcm_commit} and svb_models_asl at {svb_commit}). Use them to train (Noise2Noise
-between disjoint pair subsets, lesion insertion), to validate, and to fit noise statistics. The bundle itself
-and its tests do not need them.
+{dcm2niix}; {commits}). {use} The bundle itself and its tests do not need them.
 
 | subject | source (repository, path) | sequence | matrix / voxel (mm) | pairs | M0 |
 | --- | --- | --- | --- | --- | --- |
 """
+README_USE = (
+    "Use them to train (Noise2Noise between disjoint pair subsets, lesion insertion), to validate, and to fit "
+    "noise statistics."
+)
+README_USE_PHANTOM = (
+    "Phantom scans (no perfusion) from a vendor the model never saw: use them for the no-harm checks "
+    "(`studies/held_out_phantom`), never to train."
+)
 
-README_TAIL = """
+# What the README says of each source present (values assumed, volumes left out, licence).
+README_NOTES = {
+    "dcm_qa_asl": """
 The six Prisma runs are one volunteer in one session. Parameters come from the protocol printouts in
 dcm_qa_asl (`Product_Wang_Protocols.pdf`, `Oxford_Protocols.pdf`) and dcm2niix's JSON; every choice is in the
 `RUNS` table of `scripts/convert_real_asl.py` with its origin. Assumed values: BackgroundSuppression false
 for the 2D PASL and 2D pCASL runs; LabelingDuration of the 3D pCASL (1.5088 s, as the 2D run; dcm2niix writes
-this run's PLD as its LabelingDuration); field strength, background suppression and TR of the Oxford run (its
-EchoTime is not known). The 3D pCASL run's unpaired control (its volume 1) is left out. Licences:
-`LICENSE-dcm_qa_asl.txt` (BSD-2-Clause, Chris Rorden 2019) and `LICENSE-svb_models_asl.txt` (Apache-2.0);
-both allow redistribution with the notice.
-"""
+this run's PLD as its LabelingDuration). The 3D pCASL run's unpaired control (its volume 1) is left out.
+`LICENSE-dcm_qa_asl.txt`: BSD-2-Clause (Chris Rorden 2019), redistribution with the notice.
+""",
+    "svb_models_asl": """
+The Oxford run's field strength, background suppression and TR are assumed (its EchoTime is not known).
+`LICENSE-svb_models_asl.txt`: Apache-2.0, redistribution with the notice.
+""",
+    "dcm_qa_philips_asl": """
+The two Philips runs are scans of a phantom (no perfusion: control - label is noise and subtraction
+artefact). Parameters come from dcm_qa_philips_asl's protocol printouts (`In/20x_pCASL.txt`,
+`In/40x_3D_pCASL_6mm.txt`) and dcm2niix's JSON; control and label alternate per dynamic, control first (each
+instance's MRImageLabelType). Assumed values: LabelingDuration 1.65 s (the Philips default; not recorded),
+BackgroundSuppression false for the 2D run and true for the 3D run (its first dynamic has 2.4x the others'
+signal; that dynamic is left out). The 2D run's SliceTiming is not recorded. `LICENSE-dcm_qa_philips_asl.txt`:
+BSD-2-Clause (Paul S. Morgan and Chris Rorden 2021), redistribution with the notice.
+""",
+}
 
 
 def readme_row(subject: str, run: Run, out_dir: Path) -> str:
@@ -527,18 +599,29 @@ def present_subjects(out_dir: Path) -> dict[str, Run]:
 def write_dataset_files(out_dir: Path, roots: dict[str, Path]) -> None:
     """dataset_description.json, README.md and the licence of each source present."""
     present = present_subjects(out_dir)
-    sources = sorted({run.source for run in present.values()})
+    sources = [name for name in SOURCES if name in {run.source for run in present.values()}]
     for name in sources:
         if name in roots:
             shutil.copyfile(roots[name] / "LICENSE", out_dir / f"LICENSE-{name}.txt")
-    write_json(out_dir / "dataset_description.json", dataset_description(sources))
+    phantom_only = all(run.phantom for run in present.values())
+    write_json(out_dir / "dataset_description.json", dataset_description(sources, phantom_only))
     head = README_HEAD.format(
+        title="Real ASL phantom runs for no-harm checks"
+        if phantom_only
+        else "Real ASL runs for training and validation",
         dcm2niix=TESTED_DCM2NIIX,
-        dcm_commit=SOURCES["dcm_qa_asl"].tested_commit[:7],
-        svb_commit=SOURCES["svb_models_asl"].tested_commit[:7],
+        commits=", ".join(f"{name} at {SOURCES[name].tested_commit[:7]}" for name in sources),
+        use=" ".join(
+            text
+            for text, wanted in (
+                (README_USE, not phantom_only),
+                (README_USE_PHANTOM, any(r.phantom for r in present.values())),
+            )
+            if wanted
+        ),
     )
     rows = "".join(readme_row(s, r, out_dir) for s, r in present.items())
-    (out_dir / "README.md").write_text(head + rows + README_TAIL)
+    (out_dir / "README.md").write_text(head + rows + "".join(README_NOTES[name] for name in sources))
 
 
 # ---------------------------------------------------------------- command line ----
@@ -547,7 +630,7 @@ def convert(roots: dict[str, Path | None], out_dir: Path, subjects: Sequence[str
     runs = select_runs(subjects)
     given = {name: check_source_dir(name, path) for name, path in roots.items() if path is not None}
     if not given:
-        raise ConvertError("give --dcm_qa_asl and/or --svb_models_asl (paths of local clones)")
+        raise ConvertError(f"give at least one of {', '.join('--' + name for name in SOURCES)} (paths of local clones)")
     for name in SOURCES:
         skipped = [s for s, r in runs.items() if r.source == name and name not in given]
         if skipped:
@@ -569,6 +652,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dcm_qa_asl", type=Path, help="local clone of github.com/neurolabusc/dcm_qa_asl")
     parser.add_argument("--svb_models_asl", type=Path, help="local clone of github.com/physimals/svb_models_asl")
+    parser.add_argument(
+        "--dcm_qa_philips_asl", type=Path, help="local clone of github.com/neurolabusc/dcm_qa_philips_asl (phantom)"
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("data/real-asl"), help="BIDS root to write")
     parser.add_argument("--subjects", nargs="+", metavar="NAME", help=f"subset of: {' '.join(RUNS)}")
     return parser.parse_args(argv)
@@ -577,7 +663,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the converter; one-line errors on stderr and exit status 1 for problems the user can fix."""
     args = parse_args(argv)
-    roots = {"dcm_qa_asl": args.dcm_qa_asl, "svb_models_asl": args.svb_models_asl}
+    roots = {name: getattr(args, name) for name in SOURCES}
     try:
         written = convert(roots, args.output_dir, args.subjects)
     except ConvertError as error:

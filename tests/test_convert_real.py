@@ -29,9 +29,11 @@ SUBJECTS = [
     "prisma3dmpld",
     "oxfordmpld",
 ]  # the table of the shared data set's README
+PHANTOMS = ["philips2dpcasl", "philips3dpcasl"]  # dcm_qa_philips_asl: no-harm checks only
 VOLUME_TYPES = {"control", "label", "m0scan", "deltam", "cbf", "noRF"}
 # EchoTime of the already subtracted Oxford run is not known (not in svb_models_asl, not in the reference).
-KNOWN_GAPS = {"oxfordmpld": {"EchoTime"}}
+# SliceTiming of the Philips 2D run is not in its DICOM (dcm2niix writes none).
+KNOWN_GAPS = {"oxfordmpld": {"EchoTime"}, "philips2dpcasl": {"SliceTiming"}}
 
 
 def required_fields(sidecar: dict) -> set[str]:
@@ -60,15 +62,27 @@ def required_fields(sidecar: dict) -> set[str]:
 
 def fake_slice_timing(run) -> list[float] | None:
     """dcm2niix gives SliceTiming for the 2D DICOM runs; stand in for it."""
-    return [0.05 * i for i in range(20)] if run.is_dicom and run.sidecar["MRAcquisitionType"] == "2D" else None
+    siemens_2d = run.source == "dcm_qa_asl" and run.sidecar["MRAcquisitionType"] == "2D"
+    return [0.05 * i for i in range(20)] if siemens_2d else None
 
 
-def test_table_has_the_seven_subjects():
-    assert list(conv.RUNS) == SUBJECTS
+def test_table_has_the_seven_subjects_and_two_phantoms():
+    assert list(conv.RUNS) == SUBJECTS + PHANTOMS
     assert {run.source for run in conv.RUNS.values()} == set(conv.SOURCES)
+    assert [s for s, run in conv.RUNS.items() if run.phantom] == PHANTOMS
 
 
-@pytest.mark.parametrize("subject", SUBJECTS)
+def test_philips_phantom_runs_are_control_first_without_their_first_dynamic():
+    two_d, three_d = conv.RUNS["philips2dpcasl"], conv.RUNS["philips3dpcasl"]
+    assert conv.volume_types(two_d) == ["control", "label"] * 30
+    assert three_d.drop == (0, 1) and conv.volume_types(three_d) == ["control", "label"] * 7
+    assert conv.asl_sidecar(three_d)["TotalAcquiredPairs"] == 7
+    phantom = conv.dataset_description(["dcm_qa_philips_asl"], phantom_only=True)
+    assert "no-harm" in phantom["Name"] and "training" not in phantom["Name"]
+    assert phantom["License"] == "BSD-2-Clause (dcm_qa_philips_asl runs)"
+
+
+@pytest.mark.parametrize("subject", SUBJECTS + PHANTOMS)
 def test_sidecar_and_aslcontext_are_valid_bids_asl(subject):
     run = conv.RUNS[subject]
     sidecar = json.loads(json.dumps(conv.asl_sidecar(run, fake_slice_timing(run))))  # JSON-serialisable

@@ -98,6 +98,24 @@ def test_series_without_perfusion_is_not_called_swapped(tmp_path, seed):
     assert abs(series.extra["pair_order"]["median_z"]) < 5
 
 
+def test_offset_that_changes_sign_between_pairs_is_kept_with_a_note(tmp_path):
+    """A phantom's subtraction offset (Philips 3D run: negative in 4 of 7 pairs, median z -27) is no swap."""
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=7, m0_volumes=1)
+    rng = np.random.default_rng(3)
+    offsets = [-1.0, -1.0, 0.5, -1.0, 0.5, -1.0, 0.5]
+    for offset, c in zip(offsets, [i for i, t in enumerate(types) if t == "control"]):
+        volumes[..., c + 1] = volumes[..., c] - offset * np.where(volumes[..., c] > 0, 1.0, 0.0)
+        volumes[..., c + 1] += rng.normal(0, 0.5, SHAPE)
+    series = load_asl_series(_item(write_series(tmp_path, "sub-01", volumes, types)))
+    order = series.extra["pair_order"]
+    assert order["median_z"] < -5 and order["negative_pairs"] == 4
+    assert any("not in most pairs as a swapped order would be" in note for note in series.notes)
+    for c, t in enumerate(types):  # the same offsets in every pair: a swap, refused
+        if t == "control":
+            volumes[..., c + 1] = volumes[..., c] + np.where(volumes[..., c] > 0, 1.0, 0.0)
+    assert "looks swapped" in _refused(write_series(tmp_path / "all", "sub-01", volumes, types)).problem
+
+
 def test_sign_flipped_deltam_series_is_refused(tmp_path):
     volumes, types, _ = phantom_series(SHAPE, num_pairs=3, m0_volumes=0)
     deltam = volumes[..., 0::2] - volumes[..., 1::2]  # control first: control - label

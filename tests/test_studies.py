@@ -101,3 +101,27 @@ def test_anatomy_guidance_uses_the_controls_of_the_input_pairs_only(tmp_path):
     sets = anatomy_guidance.regressors(series, [1, 3], np.ones(volumes.shape[:3], bool))
     assert sorted(sets) == ["gaussian", "m0", "m0_control"]
     np.testing.assert_allclose(sets["m0_control"][1], 1.0)
+
+
+def test_held_out_phantom_scores_noise_removal_and_invented_level(tmp_path):
+    """held_out_phantom/phantom.py on a perfusion-free series (control and label differ by noise): the k-pair
+    mean scores 1 and no shift, a blur removes noise (< 1), and a method that adds a level shows it as a shift."""
+    phantom = load_study("held_out_phantom/phantom.py")
+    volumes, types, _ = phantom_series((20, 18, 8), num_pairs=6, m0_volumes=0, seed=4)
+    rng = np.random.default_rng(9)
+    for c in [i for i, t in enumerate(types) if t == "control"]:
+        volumes[..., c + 1] = volumes[..., c] + rng.normal(0, 5.0, volumes.shape[:3])
+    write_series(tmp_path / "sub-01" / "perf", "sub-01", volumes, types)
+    (series,) = benchmark.load_series(tmp_path, simulated=False, limit=None)
+    rows = {r["method"]: r for r in phantom.score_group(series, [0, 1], [], None)}
+    assert rows["mean"]["error"] == pytest.approx(1.0) and rows["mean"]["shift_pct"] == 0.0
+    assert rows["gaussian 2.0"]["error"] < rows["gaussian 0.75"]["error"] < 1.0
+    level = float(series.item["guide"][series.brain].mean())
+    phantom_classical = phantom.classical
+    phantom.classical = lambda voxel: {"plus": lambda prep: prep["input_mean"] + 0.001 * level}
+    try:
+        (plus,) = phantom.score_group(series, [0, 1], [], None)
+    finally:
+        phantom.classical = phantom_classical
+    assert plus["shift_pct"] == pytest.approx(0.1, rel=1e-3) and plus["error"] > 1.0
+    assert "| sub-01 | 2 | 1 | plus |" in phantom.summary([plus])
