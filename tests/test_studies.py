@@ -125,3 +125,17 @@ def test_held_out_phantom_scores_noise_removal_and_invented_level(tmp_path):
         phantom.classical = phantom_classical
     assert plus["shift_pct"] == pytest.approx(0.1, rel=1e-3) and plus["error"] > 1.0
     assert "| sub-01 | 2 | 1 | plus |" in phantom.summary([plus])
+
+
+def test_band_energy_reads_one_on_noise_and_more_where_there_is_perfusion():
+    """noise_gated_restore/band_energy.py: pairs of white noise give S near 1 in every band; a smooth
+    perfusion map under the same noise stands far above its twin in the coarse band."""
+    band_energy = load_study("noise_gated_restore/band_energy.py")
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 12)
+    head = np.ones(shape, bool)
+    noise = rng.normal(0.0, 1.0, (2, *shape))
+    assert all(0.9 < s < 1.1 for s in band_energy.energy_ratio(noise, head))
+    perfusion = gaussian_smooth(rng.normal(0.0, 20.0, shape), (3.0, 3.0, 1.5))
+    ratios = band_energy.energy_ratio(noise + perfusion[None], head)
+    assert ratios[0] > 10 and ratios[0] > ratios[-1]

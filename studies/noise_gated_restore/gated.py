@@ -106,7 +106,74 @@ VARIANTS: dict[str, dict] = {
     "gate2fix,1,.5,0 a0,1,1,3 mw3": gate(
         [[2, 2, 1], [1, 1, 0.5], [0.5, 0.5, 0.25], [0, 0, 0]], [0, 1, 1, 3], min_window=MW3
     ),
+    **{
+        f"0.9.0 + band test {t:g}" + (" + level" if level else ""): gate(
+            [[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, band_test=t, keep_level=level
+        )
+        for t, level in ((1.25, False), (1.25, True), (1.5, True), (2, True))
+    },
+    **{
+        f"0.9.0 + coarse test {t:g} + level": gate(
+            [[2.5, 2.5, 1.25]] + FINE,
+            [0, 1, 1, 3],
+            min_window=MW3,
+            scan_floor=1,
+            band_test=t,
+            keep_level=True,
+            test_whole_only=True,
+        )
+        for t in (1.25, 2, 4)
+    },
+    "0.9.0 + level": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, keep_level=True),
 }
+
+
+class BandTestGate(NoiseGatedRestore):
+    """The gate after a scan-level test per band (measured, not adopted): S = the band energy of the input
+    (the k-pair mean) over its twin's, summed over the head; each band's gains are scaled by
+    clamp((S - 1) / (band_test - 1), 0, 1), so a band where the scan shows no perfusion at all closes
+    (``test_whole_only``: only the bands given back whole, alpha 0). ``keep_level`` adds back, as a constant,
+    the head mean the gate kept out, so a closed coarse band cannot let the network move the level."""
+
+    def __init__(self, *args, band_test=0.0, keep_level=False, test_whole_only=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.band_test, self.keep_level, self.test_whole_only = float(band_test), keep_level, test_whole_only
+        self.signal: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, twin), set before each call
+
+    def forward(self, removed, noise, head=None):
+        shares = self.band_shares(head) if self.band_test > 1 else [torch.ones(())] * len(self.blurs)
+        restored = torch.zeros_like(removed)
+        coarser_r, coarser_n = torch.zeros_like(removed), torch.zeros_like(noise)
+        for i, (blur, window) in enumerate(zip(self.blurs, self.windows)):
+            r, n = blur(removed), blur(noise)
+            band_r, band_n = r - coarser_r, n - coarser_n
+            gain = self.local_gain(i, window(band_r * band_r), window(band_n * band_n))
+            if self.scan_floor > 0:
+                floor = torch.clamp(self.scan_floor * self.head_median(gain, head), 0.0, 1.0)
+                gain = floor + (1.0 - floor) * gain
+            if self.alphas[i] == 0 or not self.test_whole_only:
+                gain = gain * shares[i]
+            restored = restored + gain * band_r
+            coarser_r, coarser_n = r, n
+        if self.keep_level:
+            restored = restored + head_mean(removed - restored, head)
+        return restored
+
+    def band_shares(self, head) -> list[torch.Tensor]:
+        signal, twin = self.signal
+        shares, coarser_s, coarser_t = [], torch.zeros_like(signal), torch.zeros_like(twin)
+        for blur in self.blurs:
+            s, t = blur(signal), blur(twin)
+            ratio = head_mean((s - coarser_s) ** 2, head) / head_mean((t - coarser_t) ** 2, head).clamp_min(1e-12)
+            shares.append(torch.clamp((ratio - 1.0) / (self.band_test - 1.0), 0.0, 1.0))
+            coarser_s, coarser_t = s, t
+        return shares
+
+
+def head_mean(values: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the batch item's head voxels (every voxel without a head), shaped to broadcast."""
+    v = values[0][head[0]] if head is not None and bool(head[0].any()) else values[0]
+    return v.mean().view([1] * values.dim())
 
 
 class FixedFloorGate(NoiseGatedRestore):
@@ -126,7 +193,13 @@ def set_variant(net, variant: dict) -> None:
     net.restore = GaussianSmooth(3, sigma)
     bands = variant.get("bands")  # with a twin; without one (k = 1) the fixed sigma (none here)
     options = dict(variant.get("gate", {}))
-    kind = FixedFloorGate if "fixed_floor" in options else NoiseGatedRestore
+    kind = (
+        FixedFloorGate
+        if "fixed_floor" in options
+        else BandTestGate
+        if {"band_test", "keep_level"} & set(options)
+        else NoiseGatedRestore
+    )
     net.gate = kind(3, bands, **options) if bands else None
 
 
@@ -151,6 +224,9 @@ def outputs(model: core.Model, prep: dict, variants: dict[str, dict]) -> dict[st
     out = {}
     for name, variant in variants.items():
         set_variant(model.net, variant)
+        if isinstance(model.net.gate, BandTestGate):
+            tw = model.net.twin_channel
+            model.net.gate.signal = (x[:, :1], x[:, tw : tw + 1])
         if variant.get("exact") and has_twin:
             out[name] = finish_exact(model.net, x, mixed)[0, 0].numpy() * float(d["scale"])
         else:
