@@ -139,3 +139,14 @@ def test_band_energy_reads_one_on_noise_and_more_where_there_is_perfusion():
     perfusion = gaussian_smooth(rng.normal(0.0, 20.0, shape), (3.0, 3.0, 1.5))
     ratios = band_energy.energy_ratio(noise + perfusion[None], head)
     assert ratios[0] > 10 and ratios[0] > ratios[-1]
+
+
+def test_quickstart_truth_scores_a_map_against_the_truth():
+    """quickstart_truth.py: the truth itself scores NMSE 0 and ratios 1; a blur lowers the GM/WM ratio."""
+    quickstart_truth = load_study("quickstart_truth/quickstart_truth.py")
+    x = np.linspace(-1, 1, 24)[:, None, None] * np.ones((24, 24, 6))
+    gm, wm = (x > 0.2).astype(float), (x < -0.2).astype(float)
+    truth = 5.0 * gm + 1.0 * wm + 0.5
+    assert quickstart_truth.scores(truth, truth, gm, wm) == (0.0, 1.0, 1.0)
+    nmse, ratio, grey = quickstart_truth.scores(gaussian_smooth(truth, (3.0, 3.0, 0.0)), truth, gm, wm)
+    assert nmse > 0 and ratio < 1 and grey < 1
