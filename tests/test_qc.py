@@ -125,6 +125,35 @@ def test_all_pair_row_only_when_pairs_were_left_out(tmp_path, dataset):
     assert heights[2] > heights[None]  # an extra deltaM and an extra CBF row
 
 
+def test_simulation_truth_is_a_reference_row_and_a_tissue_row(tmp_path, dataset, caplog):
+    """A data set with the simulator's noise-free deltaM (derivatives/simulation, as asl-simulate writes it,
+    the quickstart's): the QC figure and cbf_tissue.tsv show it beside the maps; on another grid it is left out."""
+    root, deltam = dataset
+    truth_dir = root / "derivatives" / "simulation" / "sub-01" / "perf"
+    truth_dir.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(deltam.astype(np.float32), AFFINE), truth_dir / "sub-01_desc-truth_deltam.nii.gz")
+    heights = {}
+    for case in ("with", "other grid"):
+        if case == "other grid":
+            small = nib.Nifti1Image(deltam[:-2].astype(np.float32), AFFINE)
+            nib.save(small, truth_dir / "sub-01_desc-truth_deltam.nii.gz")
+        out = tmp_path / case
+        writer = ASLOutputWriter(str(out), write_cbf=True, write_qc=True)
+        writer.write_series(_items(root, num_pairs=2)[0])
+        writer.write_dataset_files()
+        with open(out / "cbf_tissue.tsv", newline="") as f:
+            rows = {r["method"]: r for r in csv.DictReader(f, delimiter="\t")}
+        heights[case] = mpimg.imread(out / "sub-01" / "perf" / "sub-01_qc.png").shape[0]
+        if case == "with":
+            assert set(rows) == {"enhanced", "mean", "all_pairs_mean", "truth"}
+            # the truth is the phantom's deltaM: its GM CBF is the noise-free one, near the all-pair mean's
+            truth_gm, all_gm = float(rows["truth"]["gm_cbf_mean"]), float(rows["all_pairs_mean"]["gm_cbf_mean"])
+            assert truth_gm == pytest.approx(all_gm, rel=0.1)
+        else:
+            assert "truth" not in rows and "no truth row" in caplog.text
+    assert heights["with"] > heights["other grid"]  # an extra deltaM and an extra CBF row
+
+
 def test_writer_without_cbf_or_qc(tmp_path, dataset):
     root, _ = dataset
     writer = ASLOutputWriter(str(tmp_path / "out"), write_cbf=False, write_qc=False)

@@ -480,16 +480,22 @@ def cbf_sidecar(params: QuantificationParameters, description: str, source: str)
     }
 
 
-def find_tissue_maps(item: dict[str, Any]) -> tuple[dict[str, Path], str]:
-    """GM/WM probability maps of a series: beside the input, else in any ``derivatives/*/<rel_dir>``."""
-    stem, asl = item["stem"], Path(item["asl"])
+def _derivative_folders(item: dict[str, Any]) -> list[tuple[Path, str]]:
+    """Where derived maps of a series may be: beside the input, then each ``derivatives/*/<rel_dir>``."""
+    asl = Path(item["asl"])
     candidates = [(asl.parent, "beside input")]
     root = Path(item.get("dataset_dir") or asl.parent)
     derivatives = root / "derivatives"
     if derivatives.is_dir():
         for folder in sorted(p for p in derivatives.iterdir() if p.is_dir()):
             candidates.append((folder / item.get("rel_dir", "."), f"derivatives/{folder.name}"))
-    for folder, where in candidates:
+    return candidates
+
+
+def find_tissue_maps(item: dict[str, Any]) -> tuple[dict[str, Path], str]:
+    """GM/WM probability maps of a series: beside the input, else in any ``derivatives/*/<rel_dir>``."""
+    stem = item["stem"]
+    for folder, where in _derivative_folders(item):
         maps = {}
         for tissue in ("GM", "WM"):
             found = [folder / f"{stem}_label-{tissue}_probseg{ext}" for ext in (".nii.gz", ".nii")]
@@ -499,6 +505,17 @@ def find_tissue_maps(item: dict[str, Any]) -> tuple[dict[str, Path], str]:
         if len(maps) == 2:
             return maps, f"segmentation ({where})"
     return {}, ""
+
+
+def find_truth_deltam(item: dict[str, Any]) -> tuple[Path | None, str]:
+    """A noise-free deltaM of the series (``<stem>_desc-truth_deltam``, as ``asl-simulate`` writes in
+    ``derivatives/simulation``): the QC reference of a simulated data set such as the quickstart's."""
+    for folder, where in _derivative_folders(item):
+        for ext in (".nii.gz", ".nii"):
+            path = folder / f"{item['stem']}_desc-truth_deltam{ext}"
+            if path.exists():
+                return path, where
+    return None, ""
 
 
 def tissue_summary(cbf: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> dict[str, float]:

@@ -34,7 +34,15 @@ from .outputs import (
     write_nifti,
     write_text,
 )
-from .quantification import CBF_UNITS_TEXT, SeriesCBF, cbf_sidecar, find_tissue_maps, quantify_series, tissue_summary
+from .quantification import (
+    CBF_UNITS_TEXT,
+    SeriesCBF,
+    cbf_sidecar,
+    find_tissue_maps,
+    find_truth_deltam,
+    quantify_series,
+    tissue_summary,
+)
 
 logger = logging.getLogger("asl_enhance")
 
@@ -116,7 +124,7 @@ def bidsignore_lines(existing: str, names_by_root: dict[bool, set[str]]) -> list
 
 
 TISSUE_COLUMNS = ("series", "method", "gm_cbf_mean", "wm_cbf_mean", "gm_cbf_median", "wm_cbf_median", "tissue_source")
-_METHOD_NAMES = {"enhanced": "enhanced", "mean": "mean", "all": "all_pairs_mean"}
+_METHOD_NAMES = {"enhanced": "enhanced", "mean": "mean", "all": "all_pairs_mean", "truth": "truth"}
 
 
 def _all_pairs_mean(item: dict) -> np.ndarray | None:
@@ -124,6 +132,18 @@ def _all_pairs_mean(item: dict) -> np.ndarray | None:
     if int(to_numpy(item["total_pairs"])) <= len(json.loads(item["input_pairs"])):
         return None
     return load_asl_series(item).pairs.mean(axis=0)
+
+
+def _truth_deltam(item: dict, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The simulator's noise-free deltaM of the series (QC reference), None without one or on another grid."""
+    path, _ = find_truth_deltam(item)
+    if path is None:
+        return None
+    truth = load_nifti(path)[0]
+    if truth.shape != shape:
+        logger.warning("%s: %s has shape %s, the series %s; no truth row", item["stem"], path, truth.shape, shape)
+        return None
+    return truth
 
 
 class ASLOutputWriter:
@@ -252,7 +272,10 @@ class ASLOutputWriter:
         affine = np.asarray(to_numpy(item["affine"]), np.float64)
         outputs = {"enhanced": volume(item["pred"]), "mean": volume(item["input_mean"])}
         all_mean = _all_pairs_mean(item) if self.write_qc else None
-        series_cbf = self._quantify(item, outputs, all_mean) if self.write_cbf else None
+        references = {} if all_mean is None else {"all": all_mean}
+        truth = _truth_deltam(item, outputs["mean"].shape) if self.write_qc else None
+        references.update({} if truth is None else {"truth": truth})
+        series_cbf = self._quantify(item, outputs, references) if self.write_cbf else None
         for desc, data in outputs.items():
             path = safe_output_path(root, item["rel_dir"], f"{item['stem']}_desc-{desc}_deltam.nii.gz")
             write_nifti(path, data, affine)
@@ -264,14 +287,14 @@ class ASLOutputWriter:
             tissue, rows = self._write_cbf(item, series_cbf, affine, root)
         sd_maps = self._write_sd(item, series_cbf, affine, root) if item.get("pred_sd") is not None else {}
         if self.write_qc:
-            self._write_qc(item, outputs, all_mean, series_cbf, tissue, root, sd_maps)
+            self._write_qc(item, outputs, references, series_cbf, tissue, root, sd_maps)
         return rows
 
-    def _quantify(self, item: dict, outputs: dict, all_mean: np.ndarray | None) -> SeriesCBF:
-        """CBF of the enhanced, k-pair and (for QC) all-pair means; M0 is the guide when it is M0."""
+    def _quantify(self, item: dict, outputs: dict, references: dict[str, np.ndarray]) -> SeriesCBF:
+        """CBF of the enhanced and k-pair means and (for QC) of the references (all-pair mean, truth);
+        M0 is the guide when it is M0."""
         m0 = volume(item["guide"]) if item.get("guide_source") == "m0" else None
-        deltam = dict(outputs) if all_mean is None else {**outputs, "all": all_mean}
-        result = quantify_series(item, deltam, m0)
+        result = quantify_series(item, {**outputs, **references}, m0)
         if not result.maps:
             logger.warning("%s: no CBF (%s)", item["stem"], result.reason)
         return result
@@ -314,22 +337,27 @@ class ASLOutputWriter:
         self,
         item: dict,
         outputs: dict,
-        all_mean: np.ndarray | None,
+        references: dict[str, np.ndarray],
         series_cbf: SeriesCBF | None,
         tissue: dict,
         root: Path,
         sd_maps: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """``<stem>_qc.png``: k-pair mean, enhanced, all-pair mean (if more pairs), change, SD, CBF rows."""
+        """``<stem>_qc.png``: k-pair mean, enhanced, all-pair mean (if more pairs), the simulator's truth (if
+        the data set has it), change, SD, CBF rows."""
         from .qc import write_qc_figure
 
         used, total = len(json.loads(item["input_pairs"])), int(to_numpy(item["total_pairs"]))
-        names = {"mean": f"{used}-pair mean", "enhanced": "enhanced", "all": f"all-pair mean ({total})"}
+        names = {
+            "mean": f"{used}-pair mean",
+            "enhanced": "enhanced",
+            "all": f"all-pair mean ({total})",
+            "truth": "truth (simulation)",
+        }
         deltam = {names["mean"]: outputs["mean"], names["enhanced"]: outputs["enhanced"]}
-        if all_mean is not None:
-            deltam[names["all"]] = all_mean
+        deltam.update({names[k]: references[k] for k in ("all", "truth") if k in references})
         cbf_maps = series_cbf.maps if series_cbf is not None else {}
-        cbf = {names[k]: cbf_maps[k] for k in ("mean", "enhanced", "all") if k in cbf_maps}
+        cbf = {names[k]: cbf_maps[k] for k in ("mean", "enhanced", "all", "truth") if k in cbf_maps}
         mask = volume(item["mask"]) > 0
         if cbf:
             where = "GM" if tissue else "head"
@@ -338,6 +366,8 @@ class ASLOutputWriter:
                 for k in ("enhanced", "mean")
             }
             cbf_text = f"mean {where} CBF: enhanced {means['enhanced']:.1f}, {used}-pair mean {means['mean']:.1f}"
+            if "truth" in cbf_maps and tissue:
+                cbf_text += f", truth {tissue['truth']['gm_cbf_mean']:.1f}"
             cbf_text += f" {CBF_UNITS_TEXT}"
         else:
             cbf_text = f"no CBF: {series_cbf.reason if series_cbf else 'not requested'}"[:110]
