@@ -150,3 +150,9 @@ def test_quickstart_truth_scores_a_map_against_the_truth():
     assert quickstart_truth.scores(truth, truth, gm, wm) == (0.0, 1.0, 1.0)
     nmse, ratio, grey = quickstart_truth.scores(gaussian_smooth(truth, (3.0, 3.0, 0.0)), truth, gm, wm)
     assert nmse > 0 and ratio < 1 and grey < 1
+
+
+def test_noharm_split_halves_are_disjoint_and_cover_the_pairs():
+    noharm_split = load_study("fidelity/noharm_split.py")
+    used, other = noharm_split.split_halves(7)
+    assert used == [1, 3, 5] and other == [0, 2, 4, 6]
