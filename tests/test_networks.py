@@ -304,3 +304,38 @@ def test_scan_floor_keeps_a_clean_input_whole_and_scripts():
         torch.testing.assert_close(net(clean), clean[:, :1], atol=1e-5, rtol=0)
         noisy = _bounded_input(0.7)
         torch.testing.assert_close(torch.jit.script(net)(noisy), net(noisy))
+
+
+def _scan_tested(test: float = 4.0) -> ScaleMixingEnhancer:
+    return ScaleMixingEnhancer(
+        InputLayout(), SIGMAS, features=6, restore_bands=FINE_BANDS, restore_alpha=[1, 1, 3], restore_scan_test=test
+    ).eval()
+
+
+def test_scan_test_gives_the_networks_blur_alone_to_pairs_that_show_no_perfusion():
+    """Input as strong as its twin at the coarsest band (no perfusion: a phantom, an artefact-dominated short
+    scan): the output is the network's mix of blurs alone (weights summing to one: no residual, no restore).
+    An input far above its twin there gets the plain gate's output; both script."""
+    net, plain = _scan_tested(), _gated()
+    with torch.no_grad():
+        for p in net.backbone.parameters():  # a trained-looking residual, so that leaving it out shows
+            p.normal_(0.0, 0.2)
+        plain.load_state_dict(net.state_dict())
+        x = _bounded_input(0.7)
+        assert float(net.scan_ratio(x)) > 4.0  # the test input shows perfusion
+        torch.testing.assert_close(net(x), plain(x))
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+        no_perfusion = x.clone()
+        no_perfusion[:, 2:3] = x[:, :1]  # the twin as strong as the input: S = 1, share 0
+        assert float(net.scan_share(no_perfusion)) == 0.0
+        mixed, weights = net.mix(no_perfusion)
+        blur_only = (weights * net.blur_stack(no_perfusion[:, :1])).sum(dim=1, keepdim=True)
+        torch.testing.assert_close(net(no_perfusion), blur_only)
+        assert (blur_only - mixed).abs().max() > 1e-3  # the residual it left out
+        half = x.clone()
+        half[:, 2:3] = x[:, :1] / 2.0  # S = 4 exactly: share 1
+        assert float(net.scan_share(half)) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="restore_scan_test"):
+        _scan_tested(1.0)
+    with pytest.raises(ValueError, match="restore_scan_test"):
+        ScaleMixingEnhancer(InputLayout(), SIGMAS, restore_scan_test=4.0)  # no bands to test

@@ -154,6 +154,41 @@ def test_simulation_truth_is_a_reference_row_and_a_tissue_row(tmp_path, dataset,
     assert heights["with"] > heights["other grid"]  # an extra deltaM and an extra CBF row
 
 
+def test_enhanced_sidecar_says_when_the_pairs_show_no_perfusion(tmp_path, dataset, caplog):
+    """At k >= 2 the enhanced deltaM's sidecar gives S (the input over its noise twin at the restore's coarsest
+    band); a series whose 2 pairs differ by noise alone gets a note and a logged warning, which says what the
+    map then is with the scan test off (the default) and on."""
+    root, _ = dataset
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=4, seed=3)
+    rng = np.random.default_rng(8)
+    for c in [i for i, t in enumerate(types) if t == "control"]:
+        volumes[..., c + 1] = volumes[..., c] + rng.normal(0, 4.0, SHAPE)  # label = control + noise
+    write_series(root / "sub-03" / "perf", "sub-03", volumes, types)
+    settings = {"restore_bands": [[2.5, 2.5, 1.25], [0, 0, 0]], "restore_scan_test": 0.0}
+    writer = ASLOutputWriter(str(tmp_path / "out"), write_cbf=False, write_qc=False, settings=settings)
+    for item in _items(root, num_pairs=2):
+        writer.write_series(item)
+
+    def sidecar(subject: str) -> dict:
+        return json.loads((tmp_path / "out" / subject / "perf" / f"{subject}_desc-enhanced_deltam.json").read_text())
+
+    perfused, flat = sidecar("sub-01"), sidecar("sub-03")
+    assert perfused["InputPerfusionToNoise"] > 4 and "InputPerfusionNote" not in perfused
+    assert flat["InputPerfusionToNoise"] < 2 and "no perfusion above their noise" in flat["InputPerfusionNote"]
+    assert "sub-03: the 2 pairs used show no perfusion" in caplog.text and "--restore_scan_test 4" in caplog.text
+    on = ASLOutputWriter(
+        str(tmp_path / "on"), write_cbf=False, write_qc=False, settings={**settings, "restore_scan_test": 4}
+    )
+    on.write_series(_items(root, num_pairs=2)[-1])
+    note = json.loads(next((tmp_path / "on").rglob("sub-03_desc-enhanced_deltam.json")).read_text())
+    assert "leans on a blur the network chose" in note["InputPerfusionNote"]
+    single = ASLOutputWriter(str(tmp_path / "one"), write_cbf=False, write_qc=False, settings=settings)
+    single.write_series(_items(root, num_pairs=1)[0])  # one pair: no twin, no S
+    assert "InputPerfusionToNoise" not in json.loads(
+        next((tmp_path / "one").rglob("*enhanced_deltam.json")).read_text()
+    )
+
+
 def test_writer_without_cbf_or_qc(tmp_path, dataset):
     root, _ = dataset
     writer = ASLOutputWriter(str(tmp_path / "out"), write_cbf=False, write_qc=False)

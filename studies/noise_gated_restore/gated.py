@@ -124,6 +124,21 @@ VARIANTS: dict[str, dict] = {
         )
         for t in (1.25, 2, 4)
     },
+    **{
+        f"0.9.0 + global test {t:g}" + (" + level" if level else ""): gate(
+            [[2.5, 2.5, 1.25]] + FINE,
+            [0, 1, 1, 3],
+            min_window=MW3,
+            scan_floor=1,
+            band_test=t,
+            keep_level=level,
+            global_test=True,
+        )
+        for t, level in ((2, True), (4, True), (8, True), (4, False))
+    },
+    "0.9.0 + scan test 4 (option)": gate(
+        [[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, scan_test=4
+    ),
     "0.9.0 + level": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, keep_level=True),
 }
 
@@ -135,13 +150,16 @@ class BandTestGate(NoiseGatedRestore):
     (``test_whole_only``: only the bands given back whole, alpha 0). ``keep_level`` adds back, as a constant,
     the head mean the gate kept out, so a closed coarse band cannot let the network move the level."""
 
-    def __init__(self, *args, band_test=0.0, keep_level=False, test_whole_only=False, **kwargs):
+    def __init__(self, *args, band_test=0.0, keep_level=False, test_whole_only=False, global_test=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.band_test, self.keep_level, self.test_whole_only = float(band_test), keep_level, test_whole_only
+        self.global_test = global_test  # every band takes the coarsest band's share: the scan-level test
         self.signal: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, twin), set before each call
 
     def forward(self, removed, noise, head=None):
         shares = self.band_shares(head) if self.band_test > 1 else [torch.ones(())] * len(self.blurs)
+        if self.global_test:
+            shares = [shares[0]] * len(shares)
         restored = torch.zeros_like(removed)
         coarser_r, coarser_n = torch.zeros_like(removed), torch.zeros_like(noise)
         for i, (blur, window) in enumerate(zip(self.blurs, self.windows)):
@@ -193,6 +211,7 @@ def set_variant(net, variant: dict) -> None:
     net.restore = GaussianSmooth(3, sigma)
     bands = variant.get("bands")  # with a twin; without one (k = 1) the fixed sigma (none here)
     options = dict(variant.get("gate", {}))
+    net.scan_test = float(options.pop("scan_test", 0.0))  # the bundle's scan test (restore_scan_test), off unless asked
     kind = (
         FixedFloorGate
         if "fixed_floor" in options
