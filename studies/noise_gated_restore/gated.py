@@ -139,6 +139,10 @@ VARIANTS: dict[str, dict] = {
     "0.9.0 + scan test 4 (option)": gate(
         [[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, scan_test=4
     ),
+    **{
+        f"0.9.0, alpha {a}": gate([[2.5, 2.5, 1.25]] + FINE, list(a), min_window=MW3, scan_floor=1)
+        for a in ((0, 1.25, 1, 3), (0, 1.5, 1, 3), (0, 1.5, 1.5, 3))
+    },
     "0.9.0 + level": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, keep_level=True),
 }
 
