@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from asl_enhance.bids import ASL_SUFFIXES, find_asl_series
 from asl_enhance.failures import process_each_series
-from asl_enhance.writers import series_maps, write_deltam_maps
+from asl_enhance.writers import scan_test_fields, series_maps, write_deltam_maps
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from monai.deploy.core.io_type import IOType
 from monai.deploy.operators.monai_bundle_inference_operator import (
@@ -146,7 +146,8 @@ class ASLBundleInferenceOperator(MonaiBundleInferenceOperator):
             pred = self.predict(image)  # (1, 1, X, Y, Z) in the network's units
         sd, sd_fields = self.parser.get_parsed_content("uncertainty").item_sd(self._model_network, data, image, pred)
         out = self.post_process(pred[0], **{self.kw_preprocessed_inputs: data})
-        return self._result(data, out["pred"], sd, sd_fields)
+        settings = {key: self.parser[key] for key in ("restore_bands", "restore_scan_test")}
+        return {**self._result(data, out["pred"], sd, sd_fields), "perfusion_fields": scan_test_fields(data, settings)}
 
     @staticmethod
     def _result(data: dict, pred: Any, sd: np.ndarray | None = None, sd_fields: dict | None = None) -> dict:

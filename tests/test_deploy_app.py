@@ -90,6 +90,8 @@ def check_against_bundle(out: Path, bundle_out: Path, data: Path, stems: list[st
         np.testing.assert_allclose(sd, sd_ref, rtol=1e-4, atol=1e-4 * sd_ref.max())
         sidecar = json.loads((out / str(rel).replace(".nii.gz", ".json")).read_text())
         assert sidecar["UncertaintyMap"] == Path(sd_rel).name
+        bundle_sidecar = json.loads((bundle_out / str(rel).replace(".nii.gz", ".json")).read_text())
+        assert sidecar["InputPerfusionToNoise"] == bundle_sidecar["InputPerfusionToNoise"]  # as the bundle says it
 
 
 def test_app_in_process_with_holoscan_env(case, tmp_path):

@@ -18,7 +18,7 @@ from asl_enhance.evaluation import EVALUATION_COLUMNS, ASLEvaluationWriter, sd_s
 from asl_enhance.networks import ScaleMixingEnhancer
 from asl_enhance.qc import write_qc_figure
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd, network_input, noise_twin
-from asl_enhance.writers import ASLOutputWriter, series_maps, write_deltam_maps
+from asl_enhance.writers import ASLOutputWriter, scan_test_fields, series_maps, write_deltam_maps
 from helpers import AFFINE, phantom_series, shipped_inference, write_series
 
 SHAPE = (20, 18, 8)
@@ -229,6 +229,11 @@ def test_one_series_outside_ignite_gets_the_same_map_and_files(shipped, dataset,
     assert "UncertaintyMethod" not in enhanced_sidecar
     maps, map_fields = series_maps({**result, "enhancedsd": None, "sd_fields": why})
     assert set(maps) == {"enhanced", "mean"} and map_fields == {"enhanced": why}
+    perfusion = scan_test_fields(two, {"restore_bands": [[2.5, 2.5, 1.25]], "restore_scan_test": 0})
+    assert perfusion["InputPerfusionToNoise"] > 4  # the phantom's 2 pairs show their perfusion
+    _, map_fields = series_maps({**result, "perfusion_fields": perfusion})
+    assert map_fields["enhanced"]["InputPerfusionToNoise"] == perfusion["InputPerfusionToNoise"]
+    assert "InputPerfusionToNoise" not in map_fields["enhancedsd"]
 
 
 def test_writer_files_follow_the_output_contract(tmp_path, dataset):

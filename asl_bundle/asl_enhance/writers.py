@@ -459,34 +459,7 @@ class ASLOutputWriter:
         return {"DatasetLinks": {"raw": uri}, "SourceDatasets": [source], **fields}
 
     def _scan_test_fields(self, item: dict) -> dict:
-        """k >= 2: S, how far the input stands above its noise twin at the restore's coarsest band (the
-        network's scan test, here in the input's head mask), and below :data:`PERFUSION_WARNING_RATIO` a note
-        and a logged warning: the pairs show little or no perfusion, so what the restore gives back is noise
-        or artefact (or, with ``restore_scan_test`` on, the map leans on a blur the network chose)."""
-        bands = self.settings.get("restore_bands") or []
-        if not bands or item.get("input_twin") is None:
-            return {}
-        from .networks import input_perfusion_ratio
-
-        mask = volume(item["mask"]) > 0 if item.get("mask") is not None else None
-        ratio = input_perfusion_ratio(volume(item["input_mean"]), volume(item["input_twin"]), bands[0], mask)
-        fields = {"InputPerfusionToNoise": round(ratio, 3)}
-        if ratio < PERFUSION_WARNING_RATIO:
-            tested = float(self.settings.get("restore_scan_test") or 0) > 1
-            what = (
-                "the enhanced map leans on a blur the network chose (restore_scan_test)"
-                if tested
-                else "what the enhanced map gives back is mostly their noise or artefact (--restore_scan_test 4 "
-                "gives a blur the network chose instead)"
-            )
-            note = (
-                f"the {len(json.loads(item['input_pairs']))} pairs used show {'little' if ratio > 1.5 else 'no'} "
-                f"perfusion above their noise (S = {ratio:.2f}, below {PERFUSION_WARNING_RATIO:g}): {what}; "
-                "compare with the plain mean, use more pairs, or check the pairs for motion"
-            )
-            fields["InputPerfusionNote"] = note
-            logger.warning("%s: %s", item["stem"], note)
-        return fields
+        return scan_test_fields(item, self.settings)
 
     def _sd_fields(self, item: dict) -> dict:
         """What the enhanced deltaM's sidecar says about its SD map: the file, or why there is none."""
@@ -558,18 +531,51 @@ class ASLOutputWriter:
         )
 
 
+def scan_test_fields(item: dict, settings: dict) -> dict:
+    """k >= 2: S, how far the input stands above its noise twin at the restore's coarsest band (the
+    network's scan test, here in the input's head mask), and below :data:`PERFUSION_WARNING_RATIO` a note
+    and a logged warning: the pairs show little or no perfusion, so what the restore gives back is noise or
+    artefact (or, with ``restore_scan_test`` on, the map leans on a blur the network chose). ``settings``:
+    ``restore_bands`` and ``restore_scan_test`` as in inference.json."""
+    bands = settings.get("restore_bands") or []
+    if not bands or item.get("input_twin") is None:
+        return {}
+    from .networks import input_perfusion_ratio
+
+    mask = volume(item["mask"]) > 0 if item.get("mask") is not None else None
+    ratio = input_perfusion_ratio(volume(item["input_mean"]), volume(item["input_twin"]), bands[0], mask)
+    fields = {"InputPerfusionToNoise": round(ratio, 3)}
+    if ratio < PERFUSION_WARNING_RATIO:
+        tested = float(settings.get("restore_scan_test") or 0) > 1
+        what = (
+            "the enhanced map leans on a blur the network chose (restore_scan_test)"
+            if tested
+            else "what the enhanced map gives back is mostly their noise or artefact (--restore_scan_test 4 "
+            "gives a blur the network chose instead)"
+        )
+        note = (
+            f"the {len(json.loads(item['input_pairs']))} pairs used show {'little' if ratio > 1.5 else 'no'} "
+            f"perfusion above their noise (S = {ratio:.2f}, below {PERFUSION_WARNING_RATIO:g}): {what}; "
+            "compare with the plain mean, use more pairs, or check the pairs for motion"
+        )
+        fields["InputPerfusionNote"] = note
+        logger.warning("%s: %s", item["stem"], note)
+    return fields
+
+
 def series_maps(result: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """For :func:`write_deltam_maps` (the MONAI Deploy app): the maps of one series (``enhanced``, ``mean``
     and, where k >= 2, ``enhancedsd``) and the fields only one map's sidecar gets: the SD map's method
     (``sd_fields``), and on the enhanced map the SD map's name or why there is none, as the bundle's own
-    writer says it."""
+    writer says it, and ``perfusion_fields`` (:func:`scan_test_fields`) on the enhanced map."""
     maps = {desc: result[desc] for desc in ("enhanced", "mean")}
     sd_fields = dict(result.get("sd_fields") or {})
+    perfusion = dict(result.get("perfusion_fields") or {})  # scan_test_fields, the enhanced map's
     if result.get("enhancedsd") is None:
-        return maps, {"enhanced": sd_fields}
+        return maps, {"enhanced": {**sd_fields, **perfusion}}
     maps["enhancedsd"] = result["enhancedsd"]
     return maps, {
-        "enhanced": {"UncertaintyMap": f"{result['stem']}_desc-enhancedsd_deltam.nii.gz"},
+        "enhanced": {"UncertaintyMap": f"{result['stem']}_desc-enhancedsd_deltam.nii.gz", **perfusion},
         "enhancedsd": sd_fields,
     }
 
