@@ -203,24 +203,24 @@ class NoiseGatedRestore(nn.Module):
     def head_median(gain: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
         """Median gain over each batch item's head voxels (every voxel where there is no head: a
         deltaM-only series has a zero guide), shaped to broadcast against ``gain``."""
-        medians = []
-        for b in range(gain.shape[0]):
-            values = gain[b]
-            if head is not None and bool(head[b].any()):
-                values = values[head[b]]
-            medians.append(values.median())
-        return torch.stack(medians).view([-1] + [1] * (gain.dim() - 1))
+        return head_statistic(gain, head, median=True)
 
 
-def head_mean(values: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-    """Mean over each batch item's head voxels (every voxel where there is none), shaped to broadcast."""
-    means = []
+def head_statistic(values: torch.Tensor, head: torch.Tensor | None, median: bool = False) -> torch.Tensor:
+    """Mean (or median) over each batch item's head voxels (every voxel where there is none or it is
+    empty), shaped to broadcast against ``values``."""
+    stats = []
     for b in range(values.shape[0]):
         v = values[b]
         if head is not None and bool(head[b].any()):
             v = v[head[b]]
-        means.append(v.mean())
-    return torch.stack(means).view([-1] + [1] * (values.dim() - 1))
+        stats.append(v.median() if median else v.mean())
+    return torch.stack(stats).view([-1] + [1] * (values.dim() - 1))
+
+
+def head_mean(values: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+    """Mean over each batch item's head voxels (every voxel where there is none), shaped to broadcast."""
+    return head_statistic(values, head)
 
 
 def energy_ratio(signal: torch.Tensor, noise: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:

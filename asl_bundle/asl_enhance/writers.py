@@ -287,7 +287,7 @@ class ASLOutputWriter:
             write_nifti(path, data, affine)
             sidecar = {**self._sidecar(item, desc), **(series_cbf.deltam_fields() if series_cbf else {})}
             sidecar.update(self._sd_fields(item) if desc == "enhanced" else {})
-            sidecar.update(self._scan_test_fields(item) if desc == "enhanced" else {})
+            sidecar.update(scan_test_fields(item, self.settings) if desc == "enhanced" else {})
             write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
         tissue, rows = {}, []
         if series_cbf is not None and series_cbf.maps:
@@ -457,9 +457,6 @@ class ASLOutputWriter:
         if isinstance(raw.get("License"), str):
             fields["License"] = raw["License"]
         return {"DatasetLinks": {"raw": uri}, "SourceDatasets": [source], **fields}
-
-    def _scan_test_fields(self, item: dict) -> dict:
-        return scan_test_fields(item, self.settings)
 
     def _sd_fields(self, item: dict) -> dict:
         """What the enhanced deltaM's sidecar says about its SD map: the file, or why there is none."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from asl_enhance.metrics import nmse, nmse_corrected
-from asl_enhance.networks import GaussianSmooth, NoiseGatedRestore
+from asl_enhance.networks import GaussianSmooth, NoiseGatedRestore, head_mean
 from asl_enhance.transforms import NormalizeASLd
 
 from asl_bench import core
@@ -190,12 +190,6 @@ class BandTestGate(NoiseGatedRestore):
             shares.append(torch.clamp((ratio - 1.0) / (self.band_test - 1.0), 0.0, 1.0))
             coarser_s, coarser_t = s, t
         return shares
-
-
-def head_mean(values: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the batch item's head voxels (every voxel without a head), shaped to broadcast."""
-    v = values[0][head[0]] if head is not None and bool(head[0].any()) else values[0]
-    return v.mean().view([1] * values.dim())
 
 
 class FixedFloorGate(NoiseGatedRestore):
