@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-HELD_OUT = {"prisma": "prisma", "other": ("ds000240", "oxfordmpld")}
+HELD_OUT = {
+    "prisma": "prisma",
+    "other": ("ds000240", "oxfordmpld"),
+    "all": "",
+}  # "all": weights trained on no real scan
 METHODS = ["none", "0.8.0 + scan floor 1 (0.9.0)"]
 COLUMNS = ["nmse", "cr_hypo_r5", "cr_hypo_r2.5", "cr_hyper_r3.5", "removed", "gm_wm"]
 
@@ -33,9 +37,21 @@ def rows_of(paths: str | Path | list, fold: str | None) -> list[dict]:
     merged = {}
     for path in paths if isinstance(paths, list) else str(paths).split(","):
         for r in json.loads(Path(path).read_text()):
-            if r["group"] != "all" and (fold is None or held_out(r["scan"], fold)):
+            if r["group"] not in ("all", "sim") and (fold is None or held_out(r["scan"], fold)):
                 merged[(r["scan"], r["k"], r["group"], r["method"])] = r
     return list(merged.values())
+
+
+def sim_medians(paths: str | Path | list, method: str, k: int) -> float:
+    """Median NMSE against the truth over the simulated test subjects (gated.py --sim_dir rows)."""
+    values = []
+    for path in paths if isinstance(paths, list) else str(paths).split(","):
+        values += [
+            r["nmse"]
+            for r in json.loads(Path(path).read_text())
+            if r["group"] == "sim" and r["method"] == method and r["k"] == k
+        ]
+    return float(np.median(values)) if values else float("nan")
 
 
 def per_scan(rows: list[dict], method: str, k: int) -> dict[str, float]:
@@ -65,16 +81,18 @@ def summary(rows: list[dict], method: str, k: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shipped", action="append", required=True, help="rows of the shipped weights (repeatable)")
-    ap.add_argument("--fold", action="append", required=True, help="FOLD=rows.json[,more.json] (prisma or other)")
+    ap.add_argument("--fold", action="append", required=True, help="FOLD=rows.json[,more.json] (prisma, other, all)")
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--label", default="fine-tuned", help="name of the --fold weights in the tables")
+    ap.add_argument("--sim", action="store_true", help="also print simulated test medians (rows with --sim_dir)")
     args = ap.parse_args()
     folds = dict(f.split("=", 1) for f in args.fold)
     head = ["k", "weights", "method", "NMSE", "CR hypo r5", "CR hypo r2.5", "CR hyper", "removed", "GM/WM"]
     print("| " + " | ".join(head + ["<= best blur", "NMSE / best blur (geo)"]) + " |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k in args.ks:
-        for label in ("shipped", "fine-tuned"):
+        for label in ("shipped", args.label):
             pooled = [r for f in folds for r in rows_of(args.shipped if label == "shipped" else folds[f], f)]
             for m in args.methods:
                 s = summary(pooled, m, k)
@@ -87,7 +105,14 @@ def main() -> None:
             blur = best_blur(rows_of(args.shipped, f), k)
             for s in sorted(ship):
                 name = s.split("/")[1]
-                print(f"k={k} {f} {name}: shipped {ship[s]:.4f} fine-tuned {tuned[s]:.4f} best blur {blur[s]:.4f}")
+                print(f"k={k} {f} {name}: shipped {ship[s]:.4f} {args.label} {tuned[s]:.4f} best blur {blur[s]:.4f}")
+
+    if args.sim:
+        for k in args.ks:
+            for m in args.methods:
+                shipped = sim_medians(args.shipped, m, k)
+                tuned = sim_medians([p for f in folds.values() for p in f.split(",")], m, k)
+                print(f"simulated k={k} {m}: shipped {shipped:.4f} {args.label} {tuned:.4f}")
 
 
 if __name__ == "__main__":
