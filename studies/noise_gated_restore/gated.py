@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from asl_enhance.adaptation import adapt_network
 from asl_enhance.metrics import nmse, nmse_corrected
 from asl_enhance.networks import GaussianSmooth, NoiseGatedRestore, head_mean
 from asl_enhance.transforms import NormalizeASLd
@@ -232,6 +233,15 @@ def finish_exact(net, x: torch.Tensor, mixed: torch.Tensor, eps: float = 0.1) ->
     return mean + torch.maximum(torch.minimum(out - mean, limit), -limit)
 
 
+def adapted(model: core.Model, item: dict, group: list[int], steps: int) -> core.Model:
+    """The model with its network adapted to the input pairs as the bundle's ScanAdaptation does (k >= 2)."""
+    if steps <= 0 or len(group) < 2:
+        return model
+    set_variant(model.net, VARIANTS["0.8.0 + scan floor 1 (0.9.0)"])  # adapted through the default, as the bundle does
+    net = adapt_network(model.net, item["pairs"][group], item["guide"], steps, layout=model.layout)
+    return dataclasses.replace(model, net=net)
+
+
 @torch.inference_mode()
 def outputs(model: core.Model, prep: dict, variants: dict[str, dict]) -> dict[str, np.ndarray]:
     d = NormalizeASLd(keys=("input_mean",), layout=model.layout)(prep)
@@ -260,6 +270,9 @@ def main() -> None:
     p.add_argument("--report", type=Path, default=None, help="print the tables of an earlier rows JSON and stop")
     p.add_argument("--versus", default=None, help="also print each method's per-scan NMSE over this method's")
     p.add_argument("--sim_dir", type=Path, default=None, help="simulated series: NMSE against the truth")
+    p.add_argument(
+        "--adapt_steps", type=int, default=0, help="per-input Noise2Noise adaptation first (the bundle's --adapt_steps)"
+    )
     args = p.parse_args()
     if args.report:
         report(json.loads(args.report.read_text()), args.ks, args.versus)
@@ -291,7 +304,8 @@ def main() -> None:
                 }
                 prep = core.prepare(s, group)
                 prep_l = core.prepare(planted, group)
-                plain, lesioned = outputs(model, prep, variants), outputs(model, prep_l, variants)
+                plain = outputs(adapted(model, s.item, group, args.adapt_steps), prep, variants)
+                lesioned = outputs(adapted(model, planted.item, group, args.adapt_steps), prep_l, variants)
                 ref, var = prep["other_mean"], prep["target_noise_var"]
                 for w in fd.GAUSS_WIDTHS:  # the benchmark's Gaussian curve
                     blur = fd.gaussian_curve_fn(w, s.voxel)
