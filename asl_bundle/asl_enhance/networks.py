@@ -187,13 +187,19 @@ class NoiseGatedRestore(nn.Module):
         for i, (blur, window) in enumerate(zip(self.blurs, self.windows)):
             r, n = blur(removed), blur(noise)
             band_r, band_n = r - coarser_r, n - coarser_n
-            gain = self.local_gain(i, window(band_r * band_r), window(band_n * band_n))
-            if self.scan_floor > 0:
-                floor = torch.clamp(self.scan_floor * self.head_median(gain, head), 0.0, 1.0)
-                gain = floor + (1.0 - floor) * gain
-            restored = restored + gain * band_r
+            restored = restored + self.band_gain(i, window(band_r * band_r), window(band_n * band_n), head) * band_r
             coarser_r, coarser_n = r, n
         return restored
+
+    def band_gain(
+        self, band: int, energy_r: torch.Tensor, energy_n: torch.Tensor, head: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The band's local gain, raised to at least ``scan_floor`` x its median over the head."""
+        gain = self.local_gain(band, energy_r, energy_n)
+        if self.scan_floor > 0:
+            floor = torch.clamp(self.scan_floor * self.head_median(gain, head), 0.0, 1.0)
+            gain = floor + (1.0 - floor) * gain
+        return gain
 
     def local_gain(self, band: int, energy_r: torch.Tensor, energy_n: torch.Tensor) -> torch.Tensor:
         """Spectral-subtraction gain: the share of the removed band that the removed noise cannot explain."""

@@ -160,27 +160,20 @@ class BandTestGate(NoiseGatedRestore):
         self.band_test, self.keep_level, self.test_whole_only = float(band_test), keep_level, test_whole_only
         self.global_test = global_test  # every band takes the coarsest band's share: the scan-level test
         self.signal: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, twin), set before each call
+        self.shares: list[torch.Tensor] = []  # this call's share per band, set by forward
 
     def forward(self, removed, noise, head=None):
         shares = self.band_shares(head) if self.band_test > 1 else [torch.ones(())] * len(self.blurs)
-        if self.global_test:
-            shares = [shares[0]] * len(shares)
-        restored = torch.zeros_like(removed)
-        coarser_r, coarser_n = torch.zeros_like(removed), torch.zeros_like(noise)
-        for i, (blur, window) in enumerate(zip(self.blurs, self.windows)):
-            r, n = blur(removed), blur(noise)
-            band_r, band_n = r - coarser_r, n - coarser_n
-            gain = self.local_gain(i, window(band_r * band_r), window(band_n * band_n))
-            if self.scan_floor > 0:
-                floor = torch.clamp(self.scan_floor * self.head_median(gain, head), 0.0, 1.0)
-                gain = floor + (1.0 - floor) * gain
-            if self.alphas[i] == 0 or not self.test_whole_only:
-                gain = gain * shares[i]
-            restored = restored + gain * band_r
-            coarser_r, coarser_n = r, n
+        self.shares = [shares[0]] * len(shares) if self.global_test else shares
+        restored = super().forward(removed, noise, head)
         if self.keep_level:
             restored = restored + head_mean(removed - restored, head)
         return restored
+
+    def band_gain(self, band, energy_r, energy_n, head):
+        """The shipped gain (floor included), then the scan-level test's share of the band."""
+        gain = super().band_gain(band, energy_r, energy_n, head)
+        return gain * self.shares[band] if self.alphas[band] == 0 or not self.test_whole_only else gain
 
     def band_shares(self, head) -> list[torch.Tensor]:
         signal, twin = self.signal

@@ -12,17 +12,15 @@ medians over inputs and the per-scan count at or below the scan's best Gaussian.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-HELD_OUT = {
-    "prisma": "prisma",
-    "other": ("ds000240", "oxfordmpld"),
-    "all": "",
-}  # "all": weights trained on no real scan
+#: held-out scans per fold; "all" for weights trained on no real scan
+HELD_OUT = {"prisma": "prisma", "other": ("ds000240", "oxfordmpld"), "all": ""}
 METHODS = ["none", "0.8.0 + scan floor 1 (0.9.0)"]
 COLUMNS = ["nmse", "cr_hypo_r5", "cr_hypo_r2.5", "cr_hyper_r3.5", "removed", "gm_wm"]
 
@@ -32,25 +30,29 @@ def held_out(scan: str, fold: str) -> bool:
     return any(key in scan for key in ((keys,) if isinstance(keys, str) else keys))
 
 
+@functools.cache
+def read_rows(path: str) -> tuple[dict, ...]:
+    return tuple(json.loads(Path(path).read_text()))
+
+
+def all_rows(paths: str | Path | list) -> list[dict]:
+    """Every row of one or more gated.py files (a list, or one string joined by commas); each file read once."""
+    names = paths if isinstance(paths, list) else str(paths).split(",")
+    return [r for name in names for r in read_rows(str(name))]
+
+
 def rows_of(paths: str | Path | list, fold: str | None) -> list[dict]:
-    """Rows of one or more gated.py files on a fold's held-out scans (one row per input and method)."""
+    """Rows on a fold's held-out real scans, one per input and method (a later file's row wins)."""
     merged = {}
-    for path in paths if isinstance(paths, list) else str(paths).split(","):
-        for r in json.loads(Path(path).read_text()):
-            if r["group"] not in ("all", "sim") and (fold is None or held_out(r["scan"], fold)):
-                merged[(r["scan"], r["k"], r["group"], r["method"])] = r
+    for r in all_rows(paths):
+        if r["group"] not in ("all", "sim") and (fold is None or held_out(r["scan"], fold)):
+            merged[(r["scan"], r["k"], r["group"], r["method"])] = r
     return list(merged.values())
 
 
 def sim_medians(paths: str | Path | list, method: str, k: int) -> float:
     """Median NMSE against the truth over the simulated test subjects (gated.py --sim_dir rows)."""
-    values = []
-    for path in paths if isinstance(paths, list) else str(paths).split(","):
-        values += [
-            r["nmse"]
-            for r in json.loads(Path(path).read_text())
-            if r["group"] == "sim" and r["method"] == method and r["k"] == k
-        ]
+    values = [r["nmse"] for r in all_rows(paths) if r["group"] == "sim" and r["method"] == method and r["k"] == k]
     return float(np.median(values)) if values else float("nan")
 
 
