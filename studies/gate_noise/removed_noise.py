@@ -75,12 +75,14 @@ def band_split(volume: torch.Tensor, gate) -> list[torch.Tensor]:
     return out
 
 
-def band_gains(gate, removed: torch.Tensor, noise: torch.Tensor, head) -> list[torch.Tensor]:
-    """The gate's gain per band, as its forward computes them."""
+def band_gains(gate, removed: torch.Tensor, noise: torch.Tensor | list[torch.Tensor], head) -> list[torch.Tensor]:
+    """The gate's gain per band, as its forward computes them; with several noise draws, their mean energy."""
+    draws = [band_split(n, gate) for n in (noise if isinstance(noise, list) else [noise])]
     gains = []
-    for i, (band_r, band_n) in enumerate(zip(band_split(removed, gate), band_split(noise, gate))):
+    for i, band_r in enumerate(band_split(removed, gate)):
         window, noise_window = gate.windows[i], getattr(gate, "noise_windows", gate.windows)[i]
-        gains.append(gate.band_gain(i, window(band_r * band_r), noise_window(band_n * band_n), head))
+        energy_n = sum(noise_window(d[i] * d[i]) for d in draws) / len(draws)
+        gains.append(gate.band_gain(i, window(band_r * band_r), energy_n, head))
     return gains
 
 
@@ -137,6 +139,7 @@ def measure(model: core.Model, series: core.Series, group: list[int], other: lis
 
     noise_true = removed_by_mix(e[group].mean(axis=0))
     noise_free = removed_by_mix(e[other].mean(axis=0))
+    twin_other = removed_by_mix(noise_twin(e[other].astype(np.float32)))
     tw = net.twin_channel
     twin = x[:, tw : tw + 1]
     noise_twin_est = twin - (weights * net.blur_stack(twin)).sum(dim=1, keepdim=True)
@@ -160,7 +163,8 @@ def measure(model: core.Model, series: core.Series, group: list[int], other: lis
     row["noise removed"] = [v / norm for v in row["true"]]
     row["signal removed"] = [v / norm for v in energies(signal_removed, net.gate, brain)]
     for name, gate in variant_gates(net).items():
-        for source, noise in (("twin", noise_twin_est), ("oracle", noise_true)):
+        sources = {"twin": noise_twin_est, "oracle": noise_true, "3 twins": [noise_twin_est, noise_free, twin_other]}
+        for source, noise in sources.items():
             gains = band_gains(gate, removed, noise, head)
             out = mixed + sum(g * b for g, b in zip(gains, band_split(removed, gate)))
             key = f"{name} / {source}"
