@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance import metrics
-from asl_enhance.evaluation import ASLEvaluationWriter
-from asl_enhance.transforms import SelectPairsd
+from asl_enhance.evaluation import ASLEvaluationWriter, FidelityScorer
+from asl_enhance.fidelity import LESIONS
+from asl_enhance.smoothing import gaussian_smooth
+from asl_enhance.transforms import PlantLesionsd, SelectPairsd
 from helpers import EVALUATE, bundle_run, config_files, write_phantom_dataset
 from monai.bundle import ConfigParser
 
@@ -135,3 +137,94 @@ def test_evaluation_csv_columns(tmp_path):
     assert {r["num_groups"] for r in rows if r["series"] != "ALL"} == {"3"}
     assert "Scored 2 series" in result.stdout and "effective pairs" in result.stdout
     assert "All 2 series done." in result.stdout
+    # without planted lesions: fidelity beside the error, no contrast recovery
+    assert all(r["structure_removed"] != "" and r["cr_hypo_r5"] == "" for r in rows)
+
+
+# ------------------------------------------------------------------ planted lesions (evaluate_lesions.json)
+LESIONS_OVERLAY = (*EVALUATE, "evaluate_lesions.json")
+
+
+def _long_scan(shape=(56, 56, 18), num_pairs: int = 6, seed: int = 0) -> dict:
+    """A loaded-series-like item: a head-sized ellipsoid of perfusion with noisy pairs, its M0 guide and affine."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    head = (x**2 + y**2 + 0.6 * z**2) < 0.85
+    perfusion = head * (10.0 + 4.0 * np.cos(3 * x) * np.sin(2 * y))
+    pairs = (perfusion + rng.normal(0.0, 3.0, (num_pairs, *shape)) * head).astype(np.float32)
+    affine = np.diag([3.0, 3.0, 4.0, 1.0])
+    return {"pairs": pairs, "guide": (1000.0 * head).astype(np.float32), "affine": affine, "rel_dir": "sub-01/perf",
+            "stem": "sub-01"}  # fmt: skip
+
+
+def test_planted_lesions_keep_each_pairs_noise_and_repeat_per_series():
+    item = _long_scan()
+    out = PlantLesionsd(per_type=2, seed=0)(item)
+    lesions = json.loads(out["lesions"])
+    assert {name for name, *_ in lesions} == {spec.name for spec in LESIONS}
+    assert len(LESIONS) <= len(lesions) <= 2 * len(LESIONS)  # at most per_type of each, where there is room
+    before, after = item["pairs"], out["pairs"]
+    # each pair keeps its own noise: its difference from the all-pair mean is unchanged
+    np.testing.assert_allclose(after - after.mean(0), before - before.mean(0), atol=1e-4)
+    # inside a large hypoperfusion lesion's core the all-pair mean drops to 20 % of what it was
+    name, factor, radius, centre = next(lesion for lesion in lesions if lesion[0] == "hypo_r5")
+    c = tuple(centre)
+    assert after.mean(0)[c] == pytest.approx(factor * before.mean(0)[c], rel=1e-4)
+    assert out["lesion_tissue"][c] == 1.0
+    # the same series and seed meet the same lesions (a rerun, another model); another seed or series does not
+    assert PlantLesionsd(per_type=2, seed=0)(item)["lesions"] == out["lesions"]
+    assert PlantLesionsd(per_type=2, seed=1)(item)["lesions"] != out["lesions"]
+    assert PlantLesionsd(per_type=2, seed=0)(dict(item, stem="sub-02"))["lesions"] != out["lesions"]
+    # a series that failed to load passes through
+    assert PlantLesionsd()({"error": "broken", "pairs": before})["pairs"] is before
+
+
+def test_fidelity_scores_tell_a_kept_lesion_from_a_blurred_one():
+    planted = PlantLesionsd(per_type=2, seed=3)(_long_scan(seed=3))
+    pairs = planted["pairs"]
+    truth = pairs.mean(0)
+    scorer = FidelityScorer(planted, truth)
+    reference, ref_var = pairs[2:].mean(0), pairs[2:].var(0, ddof=1) / 4
+    kept = scorer(pairs[:2].mean(0), truth, reference, ref_var)
+    assert all(kept[f"cr_{spec.name}"] == pytest.approx(1.0) for spec in LESIONS)
+    blurred = scorer(pairs[:2].mean(0), gaussian_smooth(truth, (3.0, 3.0, 1.5)), reference, ref_var)
+    assert blurred["cr_hypo_r2.5"] < 0.6 and blurred["cr_hypo_r5"] < kept["cr_hypo_r5"]
+    assert blurred["gm_wm_ratio_rel"] < 0.95 < kept["gm_wm_ratio_rel"]
+    # nothing taken out of the input: no structure removed; the blur takes some of the reference's pattern
+    unchanged = scorer(pairs[:2].mean(0), pairs[:2].mean(0), reference, ref_var)
+    assert unchanged["structure_removed"] == pytest.approx(0.0)
+    assert blurred["structure_removed"] > 0.02
+    # without planted lesions there are no CR scores
+    assert "cr_hypo_r5" not in FidelityScorer(_long_scan(), truth)(truth, truth, reference, ref_var)
+
+
+def test_lesion_overlay_inserts_planting_after_loading():
+    parser = ConfigParser()
+    parser.read_config(config_files(EVALUATE))
+    plain = parser.get("preprocessing#transforms")
+    parser.read_config(config_files(LESIONS_OVERLAY))
+    assert parser.get("preprocessing#transforms") == [plain[0], "@plant_lesions", *plain[1:]]
+
+
+@pytest.mark.slow
+def test_lesion_overlay_scores_contrast_recovery(tmp_path):
+    data = tmp_path / "data"
+    write_phantom_dataset(data, 1, (44, 44, 16), num_pairs=6, first_seed=4)
+    torch.manual_seed(1)
+    parser = ConfigParser()
+    parser.read_config(config_files(EVALUATE))
+    weights = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
+    out = tmp_path / "eval"
+    result = bundle_run(
+        LESIONS_OVERLAY, "--dataset_dir", str(data), "--output_dir", str(out), "--handlers#0#load_path", str(weights),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / "evaluation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"enhanced", "mean", "gaussian"}
+    for row in rows:
+        scores = [float(row[f"cr_{spec.name}"]) for spec in LESIONS]
+        assert all(-0.5 < s < 2.0 for s in scores), row
+    mean = next(r for r in rows if r["method"] == "mean" and r["series"] != "ALL")
+    assert float(mean["structure_removed"]) == pytest.approx(0.0, abs=1e-6)

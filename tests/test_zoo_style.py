@@ -176,3 +176,35 @@ def test_deploy_app_version_follows_the_bundle():
     manifest = (ROOT / "deploy" / "app.yaml").read_text()
     assert re.search(rf"^\s*version:\s*{re.escape(version)}\s*$", manifest, re.M), "deploy/app.yaml version"
     assert "from asl_enhance.version import __version__ as APP_VERSION" in (ROOT / "deploy" / "app.py").read_text()
+
+
+def _summary_value(path: Path, dataset: str, k: str, method: str, column: str) -> float:
+    import csv
+
+    with open(path, newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if (r["dataset"], r["k"], r["method"]) == (dataset, k, method)]
+    return float(row[column])
+
+
+def test_eval_metrics_are_the_measured_ones():
+    """metadata.json's eval_metrics (what the zoo shows) are the numbers of the model card's sources, so
+    they cannot go stale as 0.5.0's did until 0.10.0."""
+    bench = BUNDLE / "docs" / "benchmark" / "benchmark_summary.csv"
+    fidelity = ROOT / "studies" / "fidelity" / "v0.9.0" / "fidelity_summary.csv"
+    real = (fidelity, "fidelity_real")
+    sources = {
+        "real_ds000240_nmse_corrected_k2": (bench, "real", "network", "nmse_corrected"),
+        "real_ds000240_nmse_corrected_k2_self_tuned_gaussian": (bench, "real", "gaussian_self", "nmse_corrected"),
+        "real_ds000240_nmse_corrected_k2_oracle_width_gaussian": (bench, "real", "gaussian_oracle", "nmse_corrected"),
+        "sim_test_nmse_vs_truth_k2": (bench, "test", "network", "nmse_truth"),
+        "sim_test_nmse_k2_gaussian_baseline": (bench, "test", "gaussian", "nmse_truth"),
+        "real_8scans_k2_nmse_corrected": (*real, "network", "nmse_corrected"),
+        "real_8scans_k2_nmse_corrected_best_error_gaussian": (*real, "gauss_0.75", "nmse_corrected"),
+        "real_8scans_lesions_k2_cr_hypo_r5": (*real, "network", "cr_hypo_r5"),
+        "real_8scans_lesions_k2_cr_hypo_r2.5": (*real, "network", "cr_hypo_r2.5"),
+        "real_8scans_lesions_k2_cr_hyper_r3.5": (*real, "network", "cr_hyper_r3.5"),
+    }
+    metrics = metadata()["eval_metrics"]
+    assert set(metrics) == set(sources)
+    for key, (path, dataset, method, column) in sources.items():
+        assert metrics[key] == pytest.approx(_summary_value(path, dataset, "2", method, column), abs=6e-5), key

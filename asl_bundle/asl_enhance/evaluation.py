@@ -13,10 +13,18 @@ from ignite.engine import Engine, Events
 
 from . import metrics as asl_metrics
 from .failures import SeriesProgress
+from .fidelity import LESIONS, contrast_recovery, lesion_regions, quantile_masks, structure_removed, tissue_ratio_rel
 from .items import batch_items, to_numpy, volume, voxel_sizes
 from .outputs import write_text
 from .smoothing import gaussian_smooth, self_tuned_sigma_mm, sigma_in_voxels
+from .transforms import guide_scale
 
+#: contrast recovery of each planted lesion kind (``evaluate_lesions.json``; empty without lesions)
+FIDELITY_CR_COLUMNS = tuple(f"cr_{spec.name}" for spec in LESIONS)
+#: scores reduced over input groups (median) and series (mean)
+SCORE_KEYS = ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim")
+#: fidelity scores (:class:`FidelityScorer`), reduced alike where a row has them
+FIDELITY_KEYS = ("structure_removed", "gm_wm_ratio_rel", *FIDELITY_CR_COLUMNS)
 EVALUATION_COLUMNS = (
     "series",
     "method",
@@ -34,6 +42,7 @@ EVALUATION_COLUMNS = (
     "gaussian_sigma_mm",
     "sd_coverage_95",
     "sd_mean_z2",
+    *FIDELITY_KEYS,
 )
 #: the SD map's scores (enhanced only, where ``pred_sd`` exists; see :func:`sd_scores`)
 SD_COLUMNS = ("sd_coverage_95", "sd_mean_z2")
@@ -47,7 +56,8 @@ class ASLEvaluationWriter:
     (robust to one group's motion or drift). Its effective pairs are the n at which the same scan's
     n-pair mean reaches the median error (:func:`~asl_enhance.metrics.pairs_for_error` on the
     series' :func:`~asl_enhance.metrics.mean_error_curve`), with the lowest and highest over its
-    groups beside it."""
+    groups beside it. Every row also holds :class:`FidelityScorer`'s scores (structure removed, tissue
+    contrast, and each planted lesion kind's contrast recovery where ``evaluate_lesions.json`` planted them)."""
 
     def __init__(
         self,
@@ -91,6 +101,7 @@ class ASLEvaluationWriter:
         if series not in self.pair_values:  # once per series: all its pairs, for the n-pair mean's error curve
             self.pair_values[series] = pairs[:, mask][:, :, None, None]
         estimates, sigma = self._estimates(item, pairs[used], mask)
+        fidelity = FidelityScorer(item, all_mean)
         rows = []
         for method, estimate in estimates.items():
             corrected = asl_metrics.nmse_corrected(estimate, reference, ref_var, mask)
@@ -110,6 +121,7 @@ class ASLEvaluationWriter:
                     "ssim": ssim,
                     "gaussian_sigma_mm": sigma if method == "gaussian" else "",
                     **(sd_scores(item, estimate, reference, ref_var, mask) if method == "enhanced" else {}),
+                    **fidelity(volume(item["input_mean"]), estimate, reference, ref_var),
                 }
             )
         return rows
@@ -142,7 +154,7 @@ class ASLEvaluationWriter:
         for (series, _), rows in groups.items():
             merged = dict(rows[0], num_groups=len(rows))
             merged.pop("input_group", None)
-            for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim"):
+            for key in SCORE_KEYS:
                 merged[key] = float(np.median([r[key] for r in rows]))
             if merged["gaussian_sigma_mm"] != "":
                 merged["gaussian_sigma_mm"] = float(np.median([r["gaussian_sigma_mm"] for r in rows]))
@@ -151,6 +163,7 @@ class ASLEvaluationWriter:
             per_group = [asl_metrics.pairs_for_error(curve, r["nmse_corrected"]) for r in rows]
             merged["effective_pairs_min"], merged["effective_pairs_max"] = min(per_group), max(per_group)
             merged.update(_sd_reduce(rows, np.median))
+            merged.update(_reduce(rows, FIDELITY_KEYS, np.median))
             result.append(merged)
         return result
 
@@ -185,10 +198,11 @@ class ASLEvaluationWriter:
                 "effective_pairs_min": "",
                 "effective_pairs_max": "",
             }
-            for key in ("nmse_all", "nmse_other", "nmse_corrected", "psnr", "ssim"):
+            for key in SCORE_KEYS:
                 total[key] = float(np.mean([r[key] for r in rows]))
             total["effective_pairs"] = float(np.median([r["effective_pairs"] for r in rows]))
             total.update(_sd_reduce(rows, np.mean))
+            total.update(_reduce(rows, FIDELITY_KEYS, np.mean))
             totals.append(total)
         return totals
 
@@ -219,8 +233,47 @@ def sd_scores(
 
 def _sd_reduce(rows: list[dict], reduce) -> dict[str, float]:
     """The SD scores of several rows reduced (median over input groups, mean over series); {} if none has them."""
+    return _reduce(rows, SD_COLUMNS, reduce)
+
+
+def _reduce(rows: list[dict], keys: Sequence[str], reduce) -> dict[str, float]:
+    """``keys`` of several rows reduced over the rows that have them; a key none has is left out."""
     return {
         key: float(reduce([r[key] for r in rows if r.get(key, "") != ""]))
-        for key in SD_COLUMNS
+        for key in keys
         if any(r.get(key, "") != "" for r in rows)
     }
+
+
+class FidelityScorer:
+    """What a reader looks at, beside the error (issue 17; the measures of :mod:`asl_enhance.fidelity`):
+    ``structure_removed`` (the share of the reference's perfusion pattern the method took out of its
+    input), ``gm_wm_ratio_rel`` (its GM-like/WM-like median ratio over the reference's; masks from
+    percentile bands of the all-pair mean) and, where :class:`~asl_enhance.transforms.PlantLesionsd`
+    planted lesions, each kind's contrast recovery against the planted all-pair mean (1: kept). Masks
+    from the all-pair mean and the guide, as the benchmark's (one head for every input group)."""
+
+    def __init__(self, item: dict, all_mean: np.ndarray):
+        guide = item.get("guide")  # without one (an item built by hand): the item's own head mask
+        self.head = guide_scale(volume(guide), all_mean)[1] if guide is not None else volume(item["mask"]) > 0
+        self.gm, self.wm = quantile_masks(all_mean, self.head)
+        self.truth = all_mean
+        self.regions: dict[str, list] = {}
+        if item.get("lesions"):
+            tissue = volume(item["lesion_tissue"]) > 0.5
+            voxels = voxel_sizes(np.asarray(to_numpy(item["affine"])))
+            specs = {spec.name: spec for spec in LESIONS}
+            for name, _, _, centre in json.loads(item["lesions"]):
+                spec = specs[name]
+                self.regions.setdefault(f"cr_{name}", []).append(
+                    lesion_regions(all_mean.shape, centre, spec, voxels, tissue)
+                )
+
+    def __call__(self, input_mean: np.ndarray, estimate: np.ndarray, reference: np.ndarray, ref_var: np.ndarray):
+        scores = {
+            "structure_removed": structure_removed(input_mean, estimate, reference, self.head, ref_var),
+            "gm_wm_ratio_rel": tissue_ratio_rel(estimate, reference, self.gm, self.wm),
+        }
+        for column, regions in self.regions.items():
+            scores[column] = contrast_recovery(estimate, self.truth, regions)
+        return scores

@@ -7,6 +7,7 @@ Chain: ``LoadASLSeriesd`` (read pairs, M0) -> ``SelectPairsd`` (input pairs and 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from .bids import ASLInputError, load_asl_series, load_nifti
+from .fidelity import HAS_SCIPY, LESIONS, place_lesions, plant_lesions, solid_head
+from .items import voxel_sizes
 from .layout import InputLayout
 
 #: the network sees deltaM scaled so that its own mean inside the head is this value (about the
@@ -296,6 +299,45 @@ class RandNoiseLeveld(Randomizable, MapTransform):
             d[key] = (truth + self._factor * (np.asarray(d[key]) - truth)).astype(np.float32)
         if isinstance(d.get(self.twin_key), np.ndarray):  # the twin is pure noise: it shrinks alike
             d[self.twin_key] = (self._factor * d[self.twin_key]).astype(np.float32)
+        return d
+
+
+class PlantLesionsd(Randomizable, MapTransform):
+    """Evaluation only: plant hypo- and hyperperfusion lesions into every pair of a long scan, each pair
+    keeping its own noise (:func:`~asl_enhance.fidelity.plant_lesions`), so a scorer can ask how much of
+    each lesion's contrast a method keeps (:class:`~asl_enhance.evaluation.ASLEvaluationWriter`'s ``cr_*``
+    columns). ``per_type`` lesions of each kind in :data:`~asl_enhance.fidelity.LESIONS` go where the
+    benchmark puts them (inside the head, apart, hypo- where perfusion is high). Positions depend on
+    ``seed`` and the series only, so a rerun or another model meets the same lesions. Writes the planted
+    ``pairs``, ``lesions`` (JSON: name, factor, radius, centre voxel) and ``lesion_tissue`` (the mask the
+    lesions and their shells were placed and are measured in); failed items pass through."""
+
+    def __init__(self, keys: KeysCollection = "pairs", per_type: int = 3, seed: int = 0, guide_key: str = "guide"):
+        MapTransform.__init__(self, keys)
+        if not HAS_SCIPY:
+            raise ImportError("PlantLesionsd (evaluate_lesions.json) places lesions with scipy: pip install scipy")
+        self.per_type, self.seed, self.guide_key = int(per_type), int(seed), guide_key
+        self._rng = np.random.default_rng(seed)
+
+    def randomize(self, data: Any = None) -> None:
+        """Reseed from ``seed`` and the series (``data``: its name) and draw the placement generator."""
+        self.set_random_state(seed=(self.seed + zlib.crc32(str(data).encode())) % 2**32)
+        self._rng = np.random.default_rng(self.R.randint(2**31))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if d.get("error"):
+            return d
+        self.randomize(f"{d.get('rel_dir', '')}/{d.get('stem', d.get('asl', ''))}")
+        voxel = voxel_sizes(d["affine"])
+        for key in self.key_iterator(d):
+            pairs = np.asarray(d[key], np.float32)
+            mean = pairs.mean(axis=0)
+            tissue = solid_head(guide_scale(np.asarray(d[self.guide_key]), mean)[1])
+            lesions = place_lesions(mean, tissue, voxel, LESIONS, self.per_type, self._rng)
+            d[key] = plant_lesions(pairs, lesions, voxel)
+            d["lesions"] = json.dumps([[s.name, s.factor, s.radius, list(c)] for s, c in lesions])
+            d["lesion_tissue"] = tissue.astype(np.float32)
         return d
 
 
