@@ -85,6 +85,7 @@ from asl_enhance.fidelity import (  # noqa: F401  (the measures live in the bund
 )
 from asl_enhance.metrics import nmse, nmse_corrected
 from asl_enhance.quantification import GM_THRESHOLD, WM_THRESHOLD
+from asl_enhance.transforms import keep_longest_pld_block
 from scipy import ndimage
 
 from . import classical as cd
@@ -170,21 +171,15 @@ def sim_lesion_kind(series: Series) -> str:
 
 # ------------------------------------------------------------------------------------- real series
 def longest_pld_block(series: Series) -> tuple[Series, str]:
-    """A multi-PLD series reduced to the pairs at its longest PLD (a one-PLD long scan); others as is."""
-    sidecar = json.loads(series.item.get("sidecar_json", "{}"))
-    pld = sidecar.get("PostLabelingDelay")
-    volumes = json.loads(series.item.get("pair_volumes", "[]"))
-    if not isinstance(pld, list) or len(volumes) != series.num_pairs or len(pld) <= max(max(v) for v in volumes):
+    """A multi-PLD series reduced to the pairs at its longest PLD (a one-PLD long scan); others as is
+    (the bundle's :func:`~asl_enhance.transforms.keep_longest_pld_block`, which evaluate.json uses)."""
+    item = dict(series.item)
+    keep_longest_pld_block(item)
+    if item["pair_volumes"] == series.item["pair_volumes"]:
         return series, ""
-    per_pair = np.array([max(float(pld[i]) for i in v) for v in volumes])
-    if np.unique(per_pair).size < 2:
-        return series, ""
-    keep = np.flatnonzero(per_pair == per_pair.max())
-    item = dict(series.item, pairs=series.item["pairs"][keep], pair_volumes=json.dumps([volumes[i] for i in keep]))
     reduced = dataclasses.replace(series, item=item)
     reduced.brain = core.prepare(reduced, list(range(reduced.num_pairs)))["mask"][0] > 0.5
-    note = f"multi-PLD: kept the {keep.size} pairs at the longest PLD ({per_pair.max():g} s) of {series.num_pairs}"
-    return reduced, note
+    return reduced, json.loads(item["input_notes"])[-1]
 
 
 def load_real(dirs: Sequence[Path], min_pairs: int = MIN_PAIRS) -> tuple[list[Series], dict[str, str]]:

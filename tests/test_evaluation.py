@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance import metrics
+from asl_enhance.bids import find_asl_series
 from asl_enhance.evaluation import ASLEvaluationWriter, FidelityScorer
 from asl_enhance.fidelity import LESIONS
 from asl_enhance.smoothing import gaussian_smooth
-from asl_enhance.transforms import PlantLesionsd, SelectPairsd
-from helpers import EVALUATE, bundle_run, config_files, write_phantom_dataset
+from asl_enhance.transforms import LoadASLSeriesd, PlantLesionsd, SelectPairsd
+from helpers import EVALUATE, bundle_run, config_files, phantom_series, write_phantom_dataset, write_series
 from monai.bundle import ConfigParser
 
 
@@ -228,3 +229,26 @@ def test_lesion_overlay_scores_contrast_recovery(tmp_path):
         assert all(-0.5 < s < 2.0 for s in scores), row
     mean = next(r for r in rows if r["method"] == "mean" and r["series"] != "ALL")
     assert float(mean["structure_removed"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluation_scores_a_multi_pld_series_at_its_longest_pld(tmp_path):
+    """Before, consecutive pairs at the first PLD were scored against a reference of every PLD (a real
+    Oxford run: error 2.3 for the enhanced map, 0.17 on its longest-PLD block)."""
+    volumes, types, _ = phantom_series((12, 10, 6), num_pairs=6, seed=2, m0_volumes=1)
+    plds = [0.0] + [p for p in (1.0, 1.0, 1.5, 1.5, 2.0, 2.0) for _ in range(2)]  # M0, then 3 PLDs x 2 pairs
+    sidecar = {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": plds, "LabelingDuration": 1.8,
+               "M0Type": "Included", "MagneticFieldStrength": 3, "BackgroundSuppression": False}  # fmt: skip
+    write_series(tmp_path / "multi" / "sub-01" / "perf", "sub-01", volumes, types, sidecar)
+    (item,) = find_asl_series(tmp_path / "multi")
+    every = LoadASLSeriesd()(item)
+    longest = LoadASLSeriesd(pld_block="longest")(item)
+    assert every["pairs"].shape[0] == 6 and longest["pairs"].shape[0] == 2
+    np.testing.assert_array_equal(longest["pairs"], every["pairs"][4:])
+    assert json.loads(longest["pair_volumes"]) == json.loads(every["pair_volumes"])[4:]
+    assert "longest PLD (2 s) of 6" in json.loads(longest["input_notes"])[-1]
+    write_series(tmp_path / "single" / "sub-02" / "perf", "sub-02", volumes, types)  # one PLD: unchanged
+    (single,) = find_asl_series(tmp_path / "single")
+    assert LoadASLSeriesd(pld_block="longest")(single)["pairs"].shape[0] == 6
+    parser = ConfigParser()
+    parser.read_config(config_files(EVALUATE))
+    assert parser.get("load_series#pld_block") == "longest"

@@ -163,7 +163,7 @@ class ASLEvaluationWriter:
             per_group = [asl_metrics.pairs_for_error(curve, r["nmse_corrected"]) for r in rows]
             merged["effective_pairs_min"], merged["effective_pairs_max"] = min(per_group), max(per_group)
             merged.update(_sd_reduce(rows, np.median))
-            merged.update(_reduce(rows, FIDELITY_KEYS, np.median))
+            merged.update(_reduce(rows, FIDELITY_KEYS, np.nanmedian))  # a ratio is NaN where WM reads 0
             result.append(merged)
         return result
 
@@ -202,7 +202,7 @@ class ASLEvaluationWriter:
                 total[key] = float(np.mean([r[key] for r in rows]))
             total["effective_pairs"] = float(np.median([r["effective_pairs"] for r in rows]))
             total.update(_sd_reduce(rows, np.mean))
-            total.update(_reduce(rows, FIDELITY_KEYS, np.mean))
+            total.update(_reduce(rows, FIDELITY_KEYS, np.nanmean))
             totals.append(total)
         return totals
 

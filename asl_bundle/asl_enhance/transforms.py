@@ -69,7 +69,9 @@ class LoadASLSeriesd(MapTransform):
 
     ``guide`` is M0 where the series has it, else the mean control image, else zeros; it sets the
     head mask and gives the network sharp anatomy. ``num_pairs`` keeps the first K pairs only (K < 1 or
-    more than the series has is an input error). ``on_error="skip"`` turns an :class:`ASLInputError`
+    more than the series has is an input error). ``pld_block="longest"`` (evaluation) keeps only the
+    pairs at a multi-PLD series' longest PLD (:func:`keep_longest_pld_block`), so input and reference
+    pairs show the same perfusion. ``on_error="skip"`` turns an :class:`ASLInputError`
     into a failed item (see :func:`mark_failed`) instead of raising; ``error`` is "" otherwise.
     """
 
@@ -79,10 +81,14 @@ class LoadASLSeriesd(MapTransform):
         num_pairs: int | None = None,
         on_error: str = "raise",
         allow_missing_keys: bool = False,
+        pld_block: str = "all",
     ):
         super().__init__(keys, allow_missing_keys)
         self.num_pairs = None if num_pairs is None or num_pairs in ("", "all") else int(num_pairs)
         self.on_error = _check_on_error(on_error)
+        if pld_block not in ("all", "longest"):
+            raise ValueError(f"pld_block must be 'all' or 'longest', got {pld_block!r}")
+        self.pld_block = pld_block
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -110,11 +116,39 @@ class LoadASLSeriesd(MapTransform):
                 total_pairs=series.extra["total_pairs"],
                 input_notes=json.dumps(series.notes),
             )
+            if self.pld_block == "longest":
+                keep_longest_pld_block(d)
             if d.get("truth"):
                 truth, _ = load_nifti(d["truth"])
                 if truth.shape != series.pairs.shape[1:]:
                     raise ASLInputError(d["truth"], f"shape {truth.shape} does not match {series.pairs.shape[1:]}")
                 d["truth"] = truth
+
+
+def longest_pld_pairs(sidecar: Mapping[str, Any], pair_volumes: Sequence[Sequence[int]]) -> np.ndarray | None:
+    """Indices of the pairs at a multi-PLD series' longest PLD (a pair's PLD: the longest of its
+    volumes'); ``None`` where PostLabelingDelay is not one value per volume or all pairs share it."""
+    pld = sidecar.get("PostLabelingDelay")
+    if not isinstance(pld, list) or not pair_volumes or len(pld) <= max(max(v) for v in pair_volumes):
+        return None
+    per_pair = np.array([max(float(pld[i]) for i in v) for v in pair_volumes])
+    if np.unique(per_pair).size < 2:
+        return None
+    return np.flatnonzero(per_pair == per_pair.max())
+
+
+def keep_longest_pld_block(d: dict) -> None:
+    """A loaded multi-PLD item reduced to its longest-PLD pairs, with a note; others unchanged."""
+    volumes = json.loads(d["pair_volumes"])
+    sidecar = json.loads(d["sidecar_json"])
+    keep = longest_pld_pairs(sidecar, volumes)
+    if keep is None or len(volumes) != np.shape(d["pairs"])[0]:
+        return
+    longest = max(float(sidecar["PostLabelingDelay"][i]) for i in volumes[int(keep[0])])
+    note = f"multi-PLD: kept the {keep.size} pairs at the longest PLD ({longest:g} s) of {len(volumes)}"
+    d["pairs"] = np.asarray(d["pairs"])[keep]
+    d["pair_volumes"] = json.dumps([volumes[i] for i in keep])
+    d["input_notes"] = json.dumps([*json.loads(d.get("input_notes", "[]")), note])
 
 
 def _guide(series) -> tuple[np.ndarray, str]:
