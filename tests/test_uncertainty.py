@@ -15,7 +15,7 @@ import torch
 from asl_enhance import uncertainty as unc
 from asl_enhance.bids import find_asl_series
 from asl_enhance.evaluation import EVALUATION_COLUMNS, ASLEvaluationWriter, sd_scores
-from asl_enhance.networks import ScaleMixingEnhancer
+from asl_enhance.networks import ScaleMixingEnhancer, input_perfusion_ratio
 from asl_enhance.qc import write_qc_figure
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd, network_input, noise_twin
 from asl_enhance.writers import ASLOutputWriter, scan_test_fields, series_maps, write_deltam_maps
@@ -234,6 +234,27 @@ def test_one_series_outside_ignite_gets_the_same_map_and_files(shipped, dataset,
     _, map_fields = series_maps({**result, "perfusion_fields": perfusion})
     assert map_fields["enhanced"]["InputPerfusionToNoise"] == perfusion["InputPerfusionToNoise"]
     assert "InputPerfusionToNoise" not in map_fields["enhancedsd"]
+
+
+def test_sidecar_s_is_the_one_the_networks_scan_test_acts_on():
+    """Before, the sidecar measured S in the input's head mask (guide above 20 % of its 99th percentile),
+    the network in its own (guide above a quarter of its head mean): up to 13 % apart on real scans. A dim rim
+    inside the first and outside the second, full of noise, tells them apart."""
+    rng = np.random.default_rng(3)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (32, 32, 8)], indexing="ij")
+    r = np.sqrt(x**2 + y**2)
+    rim = (r >= 0.6) & (r < 0.66)  # 20.5 % of the guide's top: above 20 % of it, below a quarter of its head mean
+    guide = np.where(r < 0.6, 1000.0, np.where(rim, 205.0, 0.0)).astype(np.float32)
+    perfusion = 10.0 * (r < 0.6)
+    pairs = (perfusion + rng.normal(0, 2, (2, *guide.shape)) * (1 + 9 * rim)).astype(np.float32)
+    item = NormalizeASLd(keys=("input_mean",))(SelectPairsd(num_input_pairs=2)({"pairs": pairs, "guide": guide}))
+    net = ScaleMixingEnhancer(restore_bands=[[2.5, 2.5, 1.25]]).eval()
+    with torch.no_grad():
+        network_s = float(net.scan_ratio(torch.as_tensor(item["image"][None])))
+    fields = scan_test_fields(dict(item, stem="x"), {"restore_bands": [[2.5, 2.5, 1.25]], "restore_scan_test": 0})
+    assert fields["InputPerfusionToNoise"] == pytest.approx(network_s, abs=1e-3)
+    in_input_mask = input_perfusion_ratio(item["input_mean"], item["input_twin"], [2.5, 2.5, 1.25], item["mask"][0] > 0)
+    assert abs(in_input_mask / network_s - 1) > 0.05  # the old mask would have read another S here
 
 
 def test_writer_files_follow_the_output_contract(tmp_path, dataset):

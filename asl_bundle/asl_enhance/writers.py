@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ignite.engine import Engine, Events
@@ -528,19 +529,35 @@ class ASLOutputWriter:
         )
 
 
+def network_head(guide: Any, input_mean: np.ndarray) -> np.ndarray | None:
+    """The head the network measures its scan test in (:meth:`ScaleMixingEnhancer.head`): the guide at its
+    head-mean scale above HEAD_GUIDE_LEVEL; ``None`` (every voxel) without a guide, as the network does."""
+    from .networks import HEAD_GUIDE_LEVEL
+    from .transforms import guide_scale
+
+    if guide is None:
+        return None
+    guide = volume(guide)
+    if not np.any(guide > 0):
+        return None
+    level, _ = guide_scale(guide, input_mean)
+    head = guide / level > HEAD_GUIDE_LEVEL
+    return head if head.any() else None
+
+
 def scan_test_fields(item: dict, settings: dict) -> dict:
     """k >= 2: S, how far the input stands above its noise twin at the restore's coarsest band (the
-    network's scan test, here in the input's head mask), and below :data:`PERFUSION_WARNING_RATIO` a note
-    and a logged warning: the pairs show little or no perfusion, so what the restore gives back is noise or
-    artefact (or, with ``restore_scan_test`` on, the map leans on a blur the network chose). ``settings``:
-    ``restore_bands`` and ``restore_scan_test`` as in inference.json."""
+    network's scan test, in the network's own head: the S the option acts on), and below
+    :data:`PERFUSION_WARNING_RATIO` a note and a logged warning: the pairs show little or no perfusion, so
+    what the restore gives back is noise or artefact (or, with ``restore_scan_test`` on, the map leans on a
+    blur the network chose). ``settings``: ``restore_bands`` and ``restore_scan_test`` as in inference.json."""
     bands = settings.get("restore_bands") or []
     if not bands or item.get("input_twin") is None:
         return {}
     from .networks import input_perfusion_ratio
 
-    mask = volume(item["mask"]) > 0 if item.get("mask") is not None else None
-    ratio = input_perfusion_ratio(volume(item["input_mean"]), volume(item["input_twin"]), bands[0], mask)
+    mean = volume(item["input_mean"])
+    ratio = input_perfusion_ratio(mean, volume(item["input_twin"]), bands[0], network_head(item.get("guide"), mean))
     fields = {"InputPerfusionToNoise": round(ratio, 3)}
     if ratio < PERFUSION_WARNING_RATIO:
         tested = float(settings.get("restore_scan_test") or 0) > 1
