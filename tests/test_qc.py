@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import matplotlib.image as mpimg
 import nibabel as nib
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from asl_enhance.bids import find_asl_series
 from asl_enhance.qc import representative_slices, write_qc_figure
+from asl_enhance.smoothing import gaussian_smooth
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd
-from asl_enhance.writers import TISSUE_COLUMNS, ASLOutputWriter
+from asl_enhance.writers import TISSUE_COLUMNS, ASLOutputWriter, unused_pairs_line
 from helpers import AFFINE, phantom_series, write_series
 
 SHAPE = (20, 18, 8)
@@ -195,3 +197,22 @@ def test_writer_without_cbf_or_qc(tmp_path, dataset):
     writer.write_series(_items(root, 2)[0])
     names = sorted(p.name for p in (tmp_path / "out" / "sub-01" / "perf").iterdir())
     assert names == [f"sub-01_desc-{d}_deltam.{e}" for d in ("enhanced", "mean") for e in ("json", "nii.gz")]
+
+
+def test_title_says_what_the_map_kept_against_the_unused_pairs():
+    """A long scan's QC title: error, GM/WM-like contrast and pattern taken out, against the unused pairs."""
+    rng = np.random.default_rng(7)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (32, 32, 10)], indexing="ij")
+    head = (x**2 + y**2 + 0.5 * z**2) < 0.8
+    truth = head * (10.0 + 6.0 * np.sign(np.sin(6 * x) * np.sin(6 * y)))  # a fine GM/WM-like pattern
+    pairs = (truth + rng.normal(0.0, 3.0, (10, *truth.shape))).astype(np.float32)
+    item = {"input_pairs": "[0, 1]", "mask": head[None].astype(np.float32)}
+    mean = pairs[:2].mean(0)
+    same = unused_pairs_line(item, {"enhanced": mean, "mean": mean}, pairs)
+    assert same.startswith("vs the 8 unused pairs: error") and "pattern taken out 0.00" in same
+    blurred = unused_pairs_line(item, {"enhanced": gaussian_smooth(mean, (2.0, 2.0, 1.0)), "mean": mean}, pairs)
+    contrast = [float(v) for v in re.findall(r"contrast ([\d.]+) of theirs \(([\d.]+)\)", blurred)[0]]
+    assert contrast[0] < contrast[1] - 0.1  # the blur flattened the pattern the plain mean keeps
+    assert float(blurred.rsplit(" ", 1)[1]) > 0.1  # and took part of it out
+    assert unused_pairs_line({**item, "input_pairs": "[0, 1, 2, 3, 4, 5, 6, 7, 8]"}, {"enhanced": mean, "mean": mean},
+                             pairs) == ""  # fmt: skip  # one unused pair: no noise estimate, no line

@@ -79,9 +79,12 @@ def write_qc_figure(
     if cbf:
         groups.append(("CBF", cbf, "viridis", CBF_UNITS_TEXT))
     rows = sum(len(g[1]) for g in groups)
-    height = 2.0 * rows + 0.7
+    title_inches = 0.45 + 0.2 * (title.count("\n") + 1)  # room for every title line above the slice labels
+    height = 2.0 * rows + title_inches - 0.15
     fig, axes = plt.subplots(rows, len(slices), figsize=(2.0 * len(slices) + 1.8, height), squeeze=False)
-    fig.subplots_adjust(top=1 - 0.85 / height, bottom=0.1 / height, left=0.1, right=0.9, hspace=0.08, wspace=0.03)
+    fig.subplots_adjust(
+        top=1 - title_inches / height, bottom=0.1 / height, left=0.1, right=0.9, hspace=0.08, wspace=0.03
+    )
     deltam_range = _limits(list(deltam.values()), mask)
     row = 0
     for kind, maps, cmap, units in groups:

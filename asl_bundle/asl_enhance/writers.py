@@ -134,11 +134,36 @@ TISSUE_COLUMNS = ("series", "method", "gm_cbf_mean", "wm_cbf_mean", "gm_cbf_medi
 _METHOD_NAMES = {"enhanced": "enhanced", "mean": "mean", "all": "all_pairs_mean", "truth": "truth"}
 
 
-def _all_pairs_mean(item: dict) -> np.ndarray | None:
-    """Mean of every pair of the series when fewer were used (the QC reference); None otherwise."""
+def _all_pairs(item: dict) -> np.ndarray | None:
+    """Every pair of the series when fewer were used (the QC reference); None otherwise."""
     if int(to_numpy(item["total_pairs"])) <= len(json.loads(item["input_pairs"])):
         return None
-    return load_asl_series(item).pairs.mean(axis=0)
+    return load_asl_series(item).pairs
+
+
+def unused_pairs_line(item: dict, outputs: dict[str, np.ndarray], pairs: np.ndarray | None) -> str:
+    """For a long scan (at least 2 pairs left unused), what the QC title says the enhanced map did, against
+    the mean of the unused pairs: the noise-corrected error of it and of the plain mean, their GM-like/WM-like
+    contrast over the reference's and the share of its perfusion pattern the map took out
+    (``asl_enhance.fidelity``, as ``evaluation.csv`` scores them); "" otherwise."""
+    from .fidelity import quantile_masks, structure_removed, tissue_ratio_rel
+    from .metrics import nmse_corrected
+
+    used = json.loads(item["input_pairs"])
+    if pairs is None or pairs.shape[0] - len(used) < 2:
+        return ""
+    rest = np.asarray(pairs)[[i for i in range(pairs.shape[0]) if i not in set(used)]]
+    reference, ref_var = rest.mean(axis=0), rest.var(axis=0, ddof=1) / rest.shape[0]
+    head = volume(item["mask"]) > 0
+    gm, wm = quantile_masks(np.asarray(pairs).mean(axis=0), head)
+    enhanced, mean = outputs["enhanced"], outputs["mean"]
+    errors = [nmse_corrected(v, reference, ref_var, head) for v in (enhanced, mean)]
+    contrast = [tissue_ratio_rel(v, reference, gm, wm) for v in (enhanced, mean)]
+    removed = structure_removed(mean, enhanced, reference, head, ref_var)
+    return (
+        f"vs the {rest.shape[0]} unused pairs: error {errors[0]:.2f} ({len(used)}-pair mean {errors[1]:.2f}), "
+        f"GM/WM-like contrast {contrast[0]:.2f} of theirs ({contrast[1]:.2f}), pattern taken out {removed:.2f}"
+    )
 
 
 def _truth_deltam(item: dict, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -278,8 +303,8 @@ class ASLOutputWriter:
         """Every output of one series under ``root`` (its staging folder); returns its tissue rows."""
         affine = np.asarray(to_numpy(item["affine"]), np.float64)
         outputs = {"enhanced": volume(item["pred"]), "mean": volume(item["input_mean"])}
-        all_mean = _all_pairs_mean(item) if self.write_qc else None
-        references = {} if all_mean is None else {"all": all_mean}
+        all_pairs = _all_pairs(item) if self.write_qc else None
+        references = {} if all_pairs is None else {"all": all_pairs.mean(axis=0)}
         truth = _truth_deltam(item, outputs["mean"].shape) if self.write_qc else None
         references.update({} if truth is None else {"truth": truth})
         series_cbf = self._quantify(item, outputs, references) if self.write_cbf else None
@@ -295,7 +320,7 @@ class ASLOutputWriter:
             tissue, rows = self._write_cbf(item, series_cbf, affine, root)
         sd_maps = self._write_sd(item, series_cbf, affine, root) if item.get("pred_sd") is not None else {}
         if self.write_qc:
-            self._write_qc(item, outputs, references, series_cbf, tissue, root, sd_maps)
+            self._write_qc(item, outputs, references, series_cbf, tissue, root, sd_maps, all_pairs)
         return rows
 
     def _quantify(self, item: dict, outputs: dict, references: dict[str, np.ndarray]) -> SeriesCBF:
@@ -350,9 +375,11 @@ class ASLOutputWriter:
         tissue: dict,
         root: Path,
         sd_maps: dict[str, np.ndarray] | None = None,
+        all_pairs: np.ndarray | None = None,
     ) -> None:
         """``<stem>_qc.png``: k-pair mean, enhanced, all-pair mean (if more pairs), the simulator's truth (if
-        the data set has it), change, SD, CBF rows."""
+        the data set has it), change, SD, CBF rows; a long scan's title also says, against its unused pairs,
+        the error and the contrast kept (:func:`unused_pairs_line`)."""
         from .qc import write_qc_figure
 
         used, total = len(json.loads(item["input_pairs"])), int(to_numpy(item["total_pairs"]))
@@ -380,6 +407,8 @@ class ASLOutputWriter:
         else:
             cbf_text = f"no CBF: {series_cbf.reason if series_cbf else 'not requested'}"[:110]
         title = f"{Path(item['rel_dir']) / item['stem']}: {used} of {total} pairs used\n{cbf_text}"
+        reference_text = unused_pairs_line(item, outputs, all_pairs)
+        title += f"\n{reference_text}" if reference_text else ""
         path = safe_output_path(root, item["rel_dir"], f"{item['stem']}_qc.png")
         twin = volume(item["input_twin"]) if item.get("input_twin") is not None else None
         write_qc_figure(path, title, deltam, cbf or None, mask, "control - label", sd_maps, twin)
