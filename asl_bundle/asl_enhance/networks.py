@@ -154,6 +154,11 @@ class NoiseGatedRestore(nn.Module):
     head (``head`` mask; all voxels without one or where it is empty): a local gain estimated from a few
     noisy samples under-reads a small lesion, and the scan's typical perfusion share of the band is a
     floor that follows its SNR (near zero in a noisy scan, so no noise comes back there).
+
+    ``twin_test`` [low, high] closes every band where the removed noise's local energy stands more than
+    ``low`` (fully from ``high``) times above its median over the head: 8 real scans with planted lesions,
+    k = 2, [16, 32]: error 0.125 -> 0.103, the lesions' contrast unchanged but hyperperfusion's 0.937 ->
+    0.923 (studies/noise_gated_restore).
     """
 
     def __init__(
@@ -164,6 +169,7 @@ class NoiseGatedRestore(nn.Module):
         min_window: Sequence[float] = NOISE_WINDOW,
         alpha: float | Sequence[float] = 1.0,
         scan_floor: float = 0.0,
+        twin_test: Sequence[float] = (),
     ):
         super().__init__()
         self.blurs = nn.ModuleList([GaussianSmooth(spatial_dims, list(s)[:spatial_dims]) for s in band_sigmas])
@@ -179,6 +185,10 @@ class NoiseGatedRestore(nn.Module):
         if scan_floor < 0:
             raise ValueError(f"scan_floor must be >= 0, got {scan_floor}")
         self.scan_floor = float(scan_floor)
+        test = [float(v) for v in twin_test]
+        if test and (len(test) != 2 or not 0 < test[0] < test[1]):
+            raise ValueError(f"twin_test must be [] (off) or [low, high] with 0 < low < high, got {list(twin_test)}")
+        self.twin_low, self.twin_high = (test[0], test[1]) if test else (0.0, 0.0)
 
     def forward(self, removed: torch.Tensor, noise: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         restored = torch.zeros_like(removed)
@@ -194,12 +204,22 @@ class NoiseGatedRestore(nn.Module):
     def band_gain(
         self, band: int, energy_r: torch.Tensor, energy_n: torch.Tensor, head: torch.Tensor | None
     ) -> torch.Tensor:
-        """The band's local gain, raised to at least ``scan_floor`` x its median over the head."""
+        """The band's local gain, raised to at least ``scan_floor`` x its median over the head, and closed
+        where the removed noise is extreme (``twin_test``)."""
         gain = self.local_gain(band, energy_r, energy_n)
         if self.scan_floor > 0:
             floor = torch.clamp(self.scan_floor * self.head_median(gain, head), 0.0, 1.0)
             gain = floor + (1.0 - floor) * gain
+        if self.twin_high > 0:
+            gain = gain * self.twin_open(energy_n, head)
         return gain
+
+    def twin_open(self, energy_n: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+        """1 where the removed noise's local energy is at most ``twin_low`` x its head median, 0 from
+        ``twin_high`` x on: there (large vessels, physiological hot spots, a moved pair's subtraction edges)
+        whatever the gate gives back is mostly noise or artefact, and a lesion could not be told from it."""
+        ratio = energy_n / self.head_median(energy_n, head).clamp_min(1e-12)
+        return torch.clamp((self.twin_high - ratio) / (self.twin_high - self.twin_low), 0.0, 1.0)
 
     def local_gain(self, band: int, energy_r: torch.Tensor, energy_n: torch.Tensor) -> torch.Tensor:
         """Spectral-subtraction gain: the share of the removed band that the removed noise cannot explain."""
@@ -260,7 +280,8 @@ class ScaleMixingEnhancer(nn.Module):
     same mix of its blurs): a lesion or tissue pattern the guide does not show comes back where it stands
     out of the noise, a clean input (all pairs, high SNR) comes back whole, and low-SNR noise stays
     removed. ``restore_alpha`` (per band; 0 gives the band back whole), ``restore_scan_floor`` (each band
-    keeps at least this multiple of its median gain over the head), ``restore_scan_test`` (see below) and
+    keeps at least this multiple of its median gain over the head), ``restore_twin_test`` (closed where the
+    removed noise is extreme, :meth:`NoiseGatedRestore.twin_open`), ``restore_scan_test`` (see below) and
     ``restore_window`` (the smallest window of the band energies) tune it. ``restore_sigma`` (voxels per
     axis; 0 = off) is the fixed step for inputs without a twin (k = 1), and for every input when there are
     no bands: output =
@@ -302,6 +323,7 @@ class ScaleMixingEnhancer(nn.Module):
         restore_window: Sequence[float] = NOISE_WINDOW,
         restore_scan_floor: float = 0.0,
         restore_scan_test: float = 0.0,
+        restore_twin_test: Sequence[float] = (),
     ):
         super().__init__()
         layout = layout or InputLayout()
@@ -336,6 +358,7 @@ class ScaleMixingEnhancer(nn.Module):
                 min_window=restore_window,
                 alpha=restore_alpha,
                 scan_floor=restore_scan_floor,
+                twin_test=restore_twin_test,
             )
             if restore_bands
             else None

@@ -53,10 +53,10 @@ EPSILON = 0.1
 #: the entry of the largest k below it (the smallest k listed when none is below); a single number is (a, 0)
 CALIBRATION: dict[int, tuple[float, float]] = {
     1: (8.72, 6.045),
-    2: (0.976, 0.552),
-    3: (1.161, 0.368),
-    4: (1.282, 0.0),
-    6: (1.275, 0.0),
+    2: (0.99, 0.572),
+    3: (1.2, 0.287),
+    4: (1.288, 0.0),
+    6: (1.276, 0.0),
 }
 #: Gaussian sigma (voxels) of the blur a single pair's high-pass draw subtracts (studies/single_pair_noise:
 #: its RMS is 0.95-1.36x the pair's noise on real scans)

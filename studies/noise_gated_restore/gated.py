@@ -145,6 +145,12 @@ VARIANTS: dict[str, dict] = {
         for a in ((0, 1.25, 1, 3), (0, 1.5, 1, 3), (0, 1.5, 1.5, 3))
     },
     "0.9.0 + level": gate([[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, keep_level=True),
+    **{
+        f"0.9.0 + twin test {lo:g}-{hi:g}" + (" (0.10.0)" if lo == 16 else ""): gate(
+            [[2.5, 2.5, 1.25]] + FINE, [0, 1, 1, 3], min_window=MW3, scan_floor=1, twin_test=(lo, hi)
+        )
+        for lo, hi in ((4, 8), (8, 16), (16, 32))
+    },
 }
 
 
