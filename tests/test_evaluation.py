@@ -113,10 +113,11 @@ def test_effective_pairs_of_k_pair_mean_is_k(k):
     assert float(np.median(effective)) == pytest.approx(k, rel=0.15)
 
 
-@pytest.mark.slow
-def test_evaluation_csv_columns(tmp_path):
+def _evaluation_run(tmp_path, configs, count: int, shape: tuple[int, ...], seed: int):
+    """An evaluation overlay stack run by the bundle runner on phantom series with fresh weights (never
+    model.pt): the finished process and the rows of its evaluation.csv."""
     data = tmp_path / "data"
-    write_phantom_dataset(data, 2, (20, 18, 8), num_pairs=6, first_seed=10)
+    write_phantom_dataset(data, count, shape, num_pairs=6, first_seed=seed)
     torch.manual_seed(1)
     parser = ConfigParser()
     parser.read_config(config_files(EVALUATE))
@@ -124,11 +125,16 @@ def test_evaluation_csv_columns(tmp_path):
     torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
     out = tmp_path / "eval"
     result = bundle_run(
-        EVALUATE, "--dataset_dir", str(data), "--output_dir", str(out), "--handlers#0#load_path", str(weights),
+        configs, "--dataset_dir", str(data), "--output_dir", str(out), "--handlers#0#load_path", str(weights),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out / "evaluation.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        return result, list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_evaluation_csv_columns(tmp_path):
+    result, rows = _evaluation_run(tmp_path, EVALUATE, 2, (20, 18, 8), seed=10)
     assert {"series", "method", "num_pairs", "nmse_corrected", "effective_pairs", "num_groups"} <= set(rows[0])
     series = {str(Path(f"sub-{i:02d}") / "perf" / f"sub-{i:02d}") for i in range(2)}
     methods = {"enhanced", "mean", "gaussian"}
@@ -209,20 +215,7 @@ def test_lesion_overlay_inserts_planting_after_loading():
 
 @pytest.mark.slow
 def test_lesion_overlay_scores_contrast_recovery(tmp_path):
-    data = tmp_path / "data"
-    write_phantom_dataset(data, 1, (44, 44, 16), num_pairs=6, first_seed=4)
-    torch.manual_seed(1)
-    parser = ConfigParser()
-    parser.read_config(config_files(EVALUATE))
-    weights = tmp_path / "model.pt"
-    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
-    out = tmp_path / "eval"
-    result = bundle_run(
-        LESIONS_OVERLAY, "--dataset_dir", str(data), "--output_dir", str(out), "--handlers#0#load_path", str(weights),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    with open(out / "evaluation.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    _, rows = _evaluation_run(tmp_path, LESIONS_OVERLAY, 1, (44, 44, 16), seed=4)
     assert {r["method"] for r in rows} == {"enhanced", "mean", "gaussian"}
     for row in rows:
         scores = [float(row[f"cr_{spec.name}"]) for spec in LESIONS]

@@ -162,7 +162,7 @@ class ASLEvaluationWriter:
             merged["effective_pairs"] = asl_metrics.pairs_for_error(curve, merged["nmse_corrected"])
             per_group = [asl_metrics.pairs_for_error(curve, r["nmse_corrected"]) for r in rows]
             merged["effective_pairs_min"], merged["effective_pairs_max"] = min(per_group), max(per_group)
-            merged.update(_sd_reduce(rows, np.median))
+            merged.update(_reduce(rows, SD_COLUMNS, np.median))
             merged.update(_reduce(rows, FIDELITY_KEYS, np.nanmedian))  # a ratio is NaN where WM reads 0
             result.append(merged)
         return result
@@ -201,7 +201,7 @@ class ASLEvaluationWriter:
             for key in SCORE_KEYS:
                 total[key] = float(np.mean([r[key] for r in rows]))
             total["effective_pairs"] = float(np.median([r["effective_pairs"] for r in rows]))
-            total.update(_sd_reduce(rows, np.mean))
+            total.update(_reduce(rows, SD_COLUMNS, np.mean))
             total.update(_reduce(rows, FIDELITY_KEYS, np.nanmean))
             totals.append(total)
         return totals
@@ -231,13 +231,9 @@ def sd_scores(
     return {"sd_coverage_95": float(np.mean(z2 <= 1.96**2)), "sd_mean_z2": float(np.mean(z2))}
 
 
-def _sd_reduce(rows: list[dict], reduce) -> dict[str, float]:
-    """The SD scores of several rows reduced (median over input groups, mean over series); {} if none has them."""
-    return _reduce(rows, SD_COLUMNS, reduce)
-
-
 def _reduce(rows: list[dict], keys: Sequence[str], reduce) -> dict[str, float]:
-    """``keys`` of several rows reduced over the rows that have them; a key none has is left out."""
+    """``keys`` of several rows reduced (median over input groups, mean over series) over the rows that
+    have them (the SD scores: enhanced only; lesion CR: planted series only); a key none has is left out."""
     return {
         key: float(reduce([r[key] for r in rows if r.get(key, "") != ""]))
         for key in keys

@@ -144,22 +144,22 @@ def _all_pairs(item: dict) -> np.ndarray | None:
 def unused_pairs_line(item: dict, outputs: dict[str, np.ndarray], pairs: np.ndarray | None) -> str:
     """For a long scan (at least 2 pairs left unused), what the QC title says the enhanced map did, against
     the mean of the unused pairs: the noise-corrected error of it and of the plain mean, their GM-like/WM-like
-    contrast over the reference's and the share of its perfusion pattern the map took out
-    (``asl_enhance.fidelity``, as ``evaluation.csv`` scores them); "" otherwise."""
-    from .fidelity import quantile_masks, structure_removed, tissue_ratio_rel
+    contrast over the reference's and the share of its perfusion pattern the map took out (the evaluation's
+    :class:`~asl_enhance.evaluation.FidelityScorer`, so the figure and ``evaluation.csv`` agree); "" otherwise."""
+    from .evaluation import FidelityScorer
     from .metrics import nmse_corrected
 
     used = json.loads(item["input_pairs"])
     if pairs is None or pairs.shape[0] - len(used) < 2:
         return ""
-    rest = np.asarray(pairs)[[i for i in range(pairs.shape[0]) if i not in set(used)]]
+    pairs = np.asarray(pairs)
+    rest = pairs[np.setdiff1d(np.arange(pairs.shape[0]), used)]
     reference, ref_var = rest.mean(axis=0), rest.var(axis=0, ddof=1) / rest.shape[0]
-    head = volume(item["mask"]) > 0
-    gm, wm = quantile_masks(np.asarray(pairs).mean(axis=0), head)
+    scorer = FidelityScorer(item, pairs.mean(axis=0))
     enhanced, mean = outputs["enhanced"], outputs["mean"]
-    errors = [nmse_corrected(v, reference, ref_var, head) for v in (enhanced, mean)]
-    contrast = [tissue_ratio_rel(v, reference, gm, wm) for v in (enhanced, mean)]
-    removed = structure_removed(mean, enhanced, reference, head, ref_var)
+    errors = [nmse_corrected(v, reference, ref_var, scorer.head) for v in (enhanced, mean)]
+    contrast = [scorer(mean, v, reference, ref_var)["gm_wm_ratio_rel"] for v in (enhanced, mean)]
+    removed = scorer(mean, enhanced, reference, ref_var)["structure_removed"]
     return (
         f"vs the {rest.shape[0]} unused pairs: error {errors[0]:.2f} ({len(used)}-pair mean {errors[1]:.2f}), "
         f"GM/WM-like contrast {contrast[0]:.2f} of theirs ({contrast[1]:.2f}), pattern taken out {removed:.2f}"
