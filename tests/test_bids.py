@@ -166,3 +166,33 @@ def test_series_stem():
     assert series_stem("sub-01_asl.nii") == "sub-01"
     with pytest.raises(ASLInputError):
         series_stem("sub-01_bold.nii.gz")
+
+
+@pytest.mark.parametrize(
+    ("total", "volume_types", "averaged", "noted"),
+    [
+        (8, ["deltam"], 8.0, "each averages 8 acquired pairs"),  # a scanner's single averaged deltaM
+        (6, ["control", "label"] * 3, 2.0, "each averages 2 acquired pairs"),
+        (3, ["control", "label"] * 3, 1.0, None),  # as many as in the file: nothing to say
+        (2, ["control", "label"] * 3, 1.0, "fewer than the 3 pairs in the file"),
+        (None, ["deltam"], 1.0, None),
+    ],
+)
+def test_total_acquired_pairs_says_how_many_pairs_each_volume_averages(tmp_path, total, volume_types, averaged, noted):
+    """TotalAcquiredPairs over the pairs in the file: a scanner that exports its averages gives fewer, cleaner
+    volumes than it acquired, and the sidecars must say so; an inconsistent count is noted and read as 1."""
+    sidecar = {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "LabelingDuration": 1.8}
+    if total is not None:
+        sidecar["TotalAcquiredPairs"] = total
+    asl = write_series(tmp_path, "sub-01", _volumes(len(volume_types)), volume_types, sidecar)
+    series = load_asl_series(_item(asl))
+    assert series.extra["pairs_averaged"] == averaged
+    found = [n for n in series.notes if "TotalAcquiredPairs" in n]
+    assert (found and noted in found[0]) if noted else not found
+
+
+def test_total_acquired_pairs_not_a_number_names_the_sidecar(tmp_path):
+    sidecar = {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "TotalAcquiredPairs": "eight"}
+    asl = write_series(tmp_path, "sub-01", _volumes(1), ["deltam"], sidecar)
+    with pytest.raises(ASLInputError, match=r"sub-01_asl\.json.*TotalAcquiredPairs"):
+        load_asl_series(_item(asl))

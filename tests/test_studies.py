@@ -156,3 +156,15 @@ def test_noharm_split_halves_are_disjoint_and_cover_the_pairs():
     noharm_split = load_study("fidelity/noharm_split.py")
     used, other = noharm_split.split_halves(7)
     assert used == [1, 3, 5] and other == [0, 2, 4, 6]
+
+
+def test_single_pair_gate_averages_the_first_pairs_into_volumes():
+    """The clean-input check gives the first pairs as 1 or 2 averaged volumes, the rest as the reference."""
+    single_gate = load_study("single_pair_gate/single_gate.py")
+    pairs = np.arange(6, dtype=np.float32)[:, None, None, None] * np.ones((6, 2, 2, 2), np.float32)
+    series = benchmark.Series("x", {"pairs": pairs}, (1.0, 1.0, 1.0), np.ones((2, 2, 2), bool))
+    merged, group = single_gate.as_volumes(series, 4, 2)
+    assert group == [0, 1]
+    np.testing.assert_allclose(merged.item["pairs"][:, 0, 0, 0], [0.5, 2.5, 4, 5])
+    merged, group = single_gate.as_volumes(series, 4, 1)
+    assert group == [0] and merged.item["pairs"][:, 0, 0, 0].tolist() == [1.5, 4, 5]

@@ -236,6 +236,18 @@ def test_one_series_outside_ignite_gets_the_same_map_and_files(shipped, dataset,
     assert "InputPerfusionToNoise" not in map_fields["enhancedsd"]
 
 
+def test_one_volume_averaging_several_pairs_is_flagged():
+    """A single input volume that averages several acquired pairs (TotalAcquiredPairs) cannot have its noise
+    measured; the enhanced sidecar says so. Two or more volumes have a twin, and a single real pair is the
+    design case: no note for either."""
+    settings = {"restore_bands": [[2.5, 2.5, 1.25]], "restore_scan_test": 0}
+    one = {"stem": "x", "input_pairs": "[0]", "pairs_averaged": 8.0}
+    note = scan_test_fields(one, settings)["InputAveragedPairsNote"]
+    assert "averages 8 acquired pairs" in note and "two or more volumes" in note
+    assert scan_test_fields(dict(one, pairs_averaged=1.0), settings) == {}
+    assert scan_test_fields(dict(one, input_pairs="[0, 1]"), {"restore_bands": []}) == {}
+
+
 def test_sidecar_s_is_the_one_the_networks_scan_test_acts_on():
     """Before, the sidecar measured S in the input's head mask (guide above 20 % of its 99th percentile),
     the network in its own (guide above a quarter of its head mean): up to 13 % apart on real scans. A dim rim

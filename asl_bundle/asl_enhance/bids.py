@@ -348,6 +348,7 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
     order = pair_order_statistic(data, volume_types, pairs_idx, m0)
     _refuse_swapped_order(order, volume_types, item["aslcontext"], asl_path, notes)
     total_pairs = len(pairs_idx)
+    averaged = acquired_pairs_per_pair(sidecar, total_pairs, item.get("sidecar") or asl_path, notes)
     if num_pairs is not None:
         if int(num_pairs) < 1:
             raise ASLInputError(asl_path, f"num_pairs must be positive, got {num_pairs}")
@@ -356,7 +357,7 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
         pairs_idx = pairs_idx[: int(num_pairs)]
     pairs = np.stack([_pair_difference(data, idx, volume_types) for idx in pairs_idx]).astype(np.float32)
     control_mean = mean_control(data, volume_types, pairs_idx)
-    extra = {"total_pairs": total_pairs, "pair_order": order}
+    extra = {"total_pairs": total_pairs, "pair_order": order, "pairs_averaged": averaged}
     return ASLSeries(pairs, control_mean, m0, affine, sidecar, volume_types, pairs_idx, m0_source, extra, notes)
 
 
@@ -573,6 +574,28 @@ def _refuse_swapped_order(
     if "control" not in volume_types:
         raise ASLInputError(asl_path, f"deltam is negative {evidence}: the volumes look like label - control")
     raise ASLInputError(aslcontext, f"control - label is negative {evidence}: the control/label order looks swapped")
+
+
+def acquired_pairs_per_pair(sidecar: dict[str, Any], pairs_in_file: int, source: str | Path, notes: list[str]) -> float:
+    """How many acquired pairs each pair (or deltaM volume) of the file averages: TotalAcquiredPairs over the
+    pairs in the file (1 without the field). A scanner that exports averages gives fewer, cleaner volumes
+    than it acquired; the network takes each as one pair's noise, so the sidecars say so (``notes``)."""
+    total = sidecar_number(sidecar, "TotalAcquiredPairs", source)
+    if total is None or pairs_in_file < 1:
+        return 1.0
+    if total < pairs_in_file:
+        notes.append(
+            f"sidecar TotalAcquiredPairs {total:g} is fewer than the {pairs_in_file} pairs in the file; "
+            "read as one acquired pair per pair"
+        )
+        return 1.0
+    averaged = total / pairs_in_file
+    if averaged > 1:
+        notes.append(
+            f"sidecar TotalAcquiredPairs {total:g} over the {pairs_in_file} pair(s) in the file: each averages "
+            f"{averaged:g} acquired pairs (the scanner's own averaging); num_pairs counts the file's pairs"
+        )
+    return averaged
 
 
 def sidecar_number(sidecar: dict[str, Any], key: str, source: str | Path, default: float | None = None) -> float | None:

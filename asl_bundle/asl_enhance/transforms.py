@@ -53,6 +53,7 @@ def mark_failed(d: dict, err: Exception) -> dict:
         sidecar_json="{}",
         pair_volumes="[]",
         total_pairs=0,
+        pairs_averaged=1.0,
         input_mean=np.zeros(shape, np.float32),
         input_pairs="[]",
         num_pairs_used=0,
@@ -114,6 +115,7 @@ class LoadASLSeriesd(MapTransform):
                 sidecar_json=json.dumps(series.sidecar),
                 pair_volumes=json.dumps(series.pair_volumes),
                 total_pairs=series.extra["total_pairs"],
+                pairs_averaged=series.extra["pairs_averaged"],
                 input_notes=json.dumps(series.notes),
             )
             if self.pld_block == "longest":
