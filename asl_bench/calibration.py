@@ -113,7 +113,7 @@ def enhance_with_sd(
     d = bench.NormalizeASLd(keys=("input_mean",), layout=model.layout)(prep)
     scale = float(d["scale"])
     image = torch.as_tensor(d["image"][None])
-    pred = model.net(image)
+    pred = model.net(image, torch.tensor([len(pairs)]))  # k, as the bundle's PrepareBatchExtraInput passes it
     masks = torch.as_tensor(d["mask"][None])
     sd = handler.sd_map(model.net, image, pred, [np.asarray(pairs, np.float32) / scale], raw=raw, masks=masks)
     return pred[0, 0].numpy() * scale, None if sd is None else sd[0, 0].numpy() * scale

@@ -223,19 +223,24 @@ def run_model(model: Model, prep: dict[str, Any]) -> np.ndarray:
     """Network output in the input's units: the bundle's NormalizeASLd with the model's own input
     settings, the network, then RestoreScaled."""
     d = NormalizeASLd(keys=("input_mean",), layout=model.layout)(prep)
-    pred = model.net(torch.as_tensor(d["image"][None]))[0, 0].numpy()
+    num_pairs = torch.tensor([int(prep["num_pairs_used"])])  # the bundle's PrepareBatchExtraInput passes it
+    pred = model.net(torch.as_tensor(d["image"][None]), num_pairs)[0, 0].numpy()
     return RestoreScaled(keys="pred")({"pred": pred, "scale": d["scale"]})["pred"]
 
 
 def time_model(model: Model, shape: tuple[int, int, int], repeats: int = 3) -> float:
-    """Warm CPU seconds per volume on random input of ``shape`` (median of ``repeats``)."""
+    """Warm CPU seconds per volume on random input of ``shape`` (median of ``repeats``), as 4 pairs with a twin:
+    the slowest path (the risk-chosen blend of 3 pairs and more included)."""
     x = torch.rand((1, model.layout.num_channels, *shape))
+    if model.layout.twin_channel is not None:
+        x[:, model.layout.twin_channel + 1] = 1.0
+    num_pairs = torch.tensor([4])
     times = []
     with torch.inference_mode():
-        model.net(x)
+        model.net(x, num_pairs)
         for _ in range(repeats):
             start = time.perf_counter()
-            model.net(x)
+            model.net(x, num_pairs)
             times.append(time.perf_counter() - start)
     return float(np.median(times))
 

@@ -66,7 +66,8 @@ def test_torchrun_two_processes_cpu(ddp_data, tmp_path):
     assert "val_nmse" in log
     assert (ckpt / "model.pt").is_file() and (ckpt / "checkpoint.pt").is_file()
     assert {p.name for p in ckpt.iterdir()} <= {"model.pt", "checkpoint.pt", "model_best_val.pt"}
-    writers = {p.name.split(".")[3] for p in runs.glob("events.out.tfevents.*")}  # name holds the writer's pid
+    # events.out.tfevents.<time>.<host>.<pid>.<n>: one writing process (the host name may hold dots)
+    writers = {p.name.split(".")[-2] for p in runs.glob("events.out.tfevents.*")}
     assert len(writers) == 1, writers  # TensorBoard: rank 0 only
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))

@@ -339,3 +339,102 @@ def test_scan_test_gives_the_networks_blur_alone_to_pairs_that_show_no_perfusion
         _scan_tested(1.0)
     with pytest.raises(ValueError, match="restore_scan_test"):
         ScaleMixingEnhancer(InputLayout(), SIGMAS, restore_scan_test=4.0)  # no bands to test
+
+
+def _sure_net() -> ScaleMixingEnhancer:
+    """An untrained mixer (the average blur) with the gate and the blend from 3 pairs."""
+    return ScaleMixingEnhancer(
+        InputLayout(), SIGMAS, features=6, restore_bands=FINE_BANDS, restore_alpha=[1, 1, 3], restore_sure_from=3
+    ).eval()
+
+
+def test_sure_blend_acts_from_its_k_and_lies_between_the_mix_and_the_restore():
+    """Below ``restore_sure_from`` pairs (or without a count) the restored map; from it on, mixed + w (restored -
+    mixed) with w in [0, 1], plus the constant that keeps the restored map's head mean; a clean input (twin
+    zero) comes back whole; it scripts."""
+    net = _sure_net()
+    x = _bounded_input(1.5)  # an input as noisy as this gets a blend strictly inside (0, 1)
+    with torch.no_grad():
+        restored, mixed = net(x), net.mix(x)[0]
+        torch.testing.assert_close(net(x, torch.tensor([2])), restored)
+        blended = net(x, torch.tensor([4]))
+        step = restored - mixed
+        change = blended - mixed - (blended - mixed).mean()  # a constant keeps the restored head mean
+        w = float((change * step).sum() / ((step - step.mean()) ** 2).sum())
+        assert 0.1 < w < 0.9
+        head = x[:, 1:2] > 0.25  # the guide's head, where the level is kept
+        torch.testing.assert_close(blended[head].mean(), restored[head].mean(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            blended - w * step - mixed, (blended - w * step - mixed).mean().expand_as(mixed), atol=1e-4, rtol=0
+        )
+        single = _bounded_input(0.0, flag=0.0)  # no twin: never blended, whatever the count
+        torch.testing.assert_close(net(single, torch.tensor([4])), net(single))
+        clean = _bounded_input(0.0)
+        torch.testing.assert_close(net(clean, torch.tensor([4])), clean[:, :1], atol=1e-5, rtol=0)
+        two = torch.cat([x, x])
+        torch.testing.assert_close(torch.jit.script(net)(two, torch.tensor([2, 4])), net(two, torch.tensor([2, 4])))
+    with pytest.raises(ValueError, match="restore_sure_from"):
+        ScaleMixingEnhancer(InputLayout(), SIGMAS, restore_bands=FINE_BANDS, restore_sure_from=1)
+    assert ScaleMixingEnhancer(InputLayout(), SIGMAS, restore_sure_from=3).sure_from == 0  # no restore: no blend
+
+
+@pytest.mark.parametrize("extra", [{}, {"restore_scan_test": 4.0, "restore_scan_floor": 1.0}, {"noise_bound": 3.0}])
+def test_finish_probe_channel_is_the_restore_of_the_moved_input(extra):
+    """The blend's divergence pass (a second channel of one ``finish``) equals ``finish`` run on the input
+    moved by epsilon twins with the mix's weights held, whatever the gate's options."""
+    net = ScaleMixingEnhancer(
+        InputLayout(), SIGMAS, features=6, restore_bands=FINE_BANDS, restore_alpha=[1, 1, 3], **extra
+    ).eval()
+    x = _bounded_input(1.5)
+    eps = 0.1
+    with torch.no_grad():
+        mixed, weights = net.mix(x)
+        twin = x[:, net.twin_channel : net.twin_channel + 1]
+        moved = (weights * net.blur_stack(twin)).sum(dim=1, keepdim=True)
+        both = net.finish(x, mixed, weights, eps)
+        plus = x.clone()
+        plus[:, :1] += eps * twin
+        torch.testing.assert_close(both[:, :1], net.finish(x, mixed, weights))
+        torch.testing.assert_close(both[:, 1:], net.finish(plus, mixed + eps * moved, weights), atol=1e-5, rtol=1e-5)
+
+
+def test_sure_blend_picks_the_lower_risk_on_a_known_truth():
+    """The shipped network on a phantom with known deltaM, 4 pairs of white noise: at low noise the restore's
+    error is far below the network's blur and the blend keeps it; where the two are close the risk-chosen
+    blend beats both (a wrong sign in the estimate would pick the worse end)."""
+    import numpy as np
+    from asl_enhance.transforms import network_input, noise_twin
+    from helpers import phantom_series, shipped_inference
+
+    net, _ = shipped_inference()
+    for seed, sd in ((0, 0.5), (0, 15.0), (1, 15.0), (2, 15.0)):
+        volumes, _, truth = phantom_series(shape=(32, 30, 10), num_pairs=1, seed=seed)
+        pairs = (truth[None] + np.random.default_rng(seed).normal(0, sd, (4, *truth.shape))).astype(np.float32)
+        image, scale, _ = network_input(pairs.mean(axis=0), volumes[..., 0], twin=noise_twin(pairs))
+        x = torch.as_tensor(image[None])
+        with torch.no_grad():
+            mixed, weights = net.mix(x)
+            ends = [mixed, net.finish(x, mixed, weights)]
+            blended = net(x, torch.tensor([4]))
+        head = volumes[..., 0] > 0
+        blend_error, mix_error, restored_error = (
+            float(((out[0, 0].numpy() * scale - truth)[head] ** 2).mean()) for out in (blended, *ends)
+        )
+        if sd < 1:
+            assert blend_error <= 1.05 * restored_error < 0.1 * mix_error
+        else:
+            assert blend_error < min(mix_error, restored_error)
+
+
+def test_inference_config_gives_the_network_its_pair_count():
+    """The blend depends on k: inference.json's evaluator hands each batch's ``num_pairs_used`` to the network
+    as ``num_pairs`` (MONAI's PrepareBatchExtraInput), and the network it builds blends from 3 pairs."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    prepare = parser.get_parsed_content("evaluator#prepare_batch")
+    image = torch.zeros(1, INPUT_CHANNELS, 4, 4, 2)
+    inputs, _, args, kwargs = prepare({"image": image, "num_pairs_used": torch.tensor([4])}, torch.device("cpu"))
+    assert inputs.shape == image.shape and not args
+    assert kwargs["num_pairs"].tolist() == [4]
+    assert parser.get_parsed_content("network_def").sure_from == 3

@@ -190,7 +190,7 @@ def test_eval_metrics_are_the_measured_ones():
     """metadata.json's eval_metrics (what the zoo shows) are the numbers of the model card's sources, so
     they cannot go stale as 0.5.0's did until 0.10.0."""
     bench = BUNDLE / "docs" / "benchmark" / "benchmark_summary.csv"
-    fidelity = ROOT / "studies" / "fidelity" / "v0.10.0" / "fidelity_summary.csv"
+    fidelity = ROOT / "studies" / "fidelity" / "v0.11.0" / "fidelity_summary.csv"
     real = (fidelity, "fidelity_real")
     sources = {
         "real_ds000240_nmse_corrected_k2": (bench, "real", "network", "nmse_corrected"),

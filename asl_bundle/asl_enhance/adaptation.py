@@ -32,10 +32,15 @@ class PerItemNetwork(torch.nn.Module):
         super().__init__()
         self.networks = torch.nn.ModuleList(networks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_pairs: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] != len(self.networks):
             raise ValueError(f"batch of {x.shape[0]} items for {len(self.networks)} networks")
-        return torch.cat([net(x[i : i + 1]) for i, net in enumerate(self.networks)])
+        return torch.cat(
+            [
+                net(x[i : i + 1], None if num_pairs is None else num_pairs.reshape(-1)[i : i + 1])
+                for i, net in enumerate(self.networks)
+            ]
+        )
 
 
 def noise2noise_splits(num_pairs: int, steps: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

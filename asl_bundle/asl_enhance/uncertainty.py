@@ -54,9 +54,9 @@ EPSILON = 0.1
 CALIBRATION: dict[int, tuple[float, float]] = {
     1: (8.72, 6.045),
     2: (0.99, 0.572),
-    3: (1.2, 0.287),
-    4: (1.288, 0.0),
-    6: (1.276, 0.0),
+    3: (1.018, 0.859),
+    4: (1.274, 1.001),
+    6: (1.35, 0.396),
 }
 #: Gaussian sigma (voxels) of the blur a single pair's high-pass draw subtracts (studies/single_pair_noise:
 #: its RMS is 0.95-1.36x the pair's noise on real scans)
@@ -130,13 +130,15 @@ def response(
     draw: torch.Tensor,
     pred: torch.Tensor | None = None,
     epsilon: float = EPSILON,
+    num_pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The network's change per unit of ``draw`` (B, 1, ...) added to the k-pair mean channel of ``image``
-    (B, C, ...), one-sided from ``pred`` (the unperturbed output; computed when None)."""
+    (B, C, ...), one-sided from ``pred`` (the unperturbed output; computed when None); ``num_pairs`` (B,) as
+    the network was given it (its risk-chosen blend depends on k)."""
     plus = image.clone()
     plus[:, :1] += epsilon * draw
-    base = network(image) if pred is None else pred
-    return (network(plus) - base) / epsilon
+    base = network(image, num_pairs) if pred is None else pred
+    return (network(plus, num_pairs) - base) / epsilon
 
 
 def local_rms(energy: torch.Tensor, window: Sequence[float] = WINDOW) -> torch.Tensor:
@@ -153,14 +155,15 @@ def enhanced_sd(
     pred: torch.Tensor | None = None,
     epsilon: float = EPSILON,
     window: Sequence[float] = WINDOW,
+    num_pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw (uncalibrated) SD map (B, 1, X, Y, Z) of the network's output, in the units of ``image``'s
     first channel: the energy of its responses to ``draws`` (B, D, X, Y, Z; noise draws of the k-pair
     mean in those units) averaged over draws, then over the ``window``, then the root. ``pred`` is the
-    output on ``image`` (saves a pass)."""
+    output on ``image`` (saves a pass); ``num_pairs`` (B,) as the network was given it."""
     energy = torch.zeros_like(image[:, :1])
     for j in range(draws.shape[1]):
-        r = response(network, image, draws[:, j : j + 1], pred, epsilon)
+        r = response(network, image, draws[:, j : j + 1], pred, epsilon, num_pairs)
         energy = energy + r * r
     return local_rms(energy / max(draws.shape[1], 1), window)
 
@@ -315,7 +318,8 @@ class EnhancedSDHandler:
             ).to(images.device, images.dtype)
         for i in (i for i, one in enumerate(single) if one):  # the pair's high-pass, as every draw
             draws[i] = self.highpass_draw(images[i : i + 1, :1])[0].expand_as(draws[i])
-        sd = enhanced_sd(network, images, draws, pred, self.epsilon, window=self.window)
+        num_pairs = torch.as_tensor(ks, device=images.device)
+        sd = enhanced_sd(network, images, draws, pred, self.epsilon, window=self.window, num_pairs=num_pairs)
         out = []
         for i, (k, ok) in enumerate(zip(ks, present)):
             if not ok and not single[i]:
