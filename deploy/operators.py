@@ -143,7 +143,7 @@ class ASLBundleInferenceOperator(MonaiBundleInferenceOperator):
             raise ValueError(data["error"])
         image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)[None].to(self._device)
         with torch.no_grad():
-            num_pairs = torch.tensor([len(json.loads(data["input_pairs"]))], device=self._device)
+            num_pairs = torch.tensor([int(data["num_pairs_used"])], device=self._device)  # as the evaluator
             pred = self.predict(image, num_pairs=num_pairs)  # (1, 1, X, Y, Z) in the network's units
         sd, sd_fields = self.parser.get_parsed_content("uncertainty").item_sd(self._model_network, data, image, pred)
         out = self.post_process(pred[0], **{self.kw_preprocessed_inputs: data})

@@ -59,13 +59,20 @@ def case(tmp_path_factory) -> dict[str, Path]:
     result = subprocess.run(export, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     bundle_out = root / "bundle_out"
-    run = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
-           "--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--output_dir", str(bundle_out),
-           "--num_pairs", "2", "--handlers#0#load_path", str(root / "model.pt"), "--writer#write_cbf", "false",
-           "--writer#write_qc", "false"]  # fmt: skip
-    result = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_bundle(data, bundle_out, root / "model.pt", 2)
     return {"root": root, "data": data, "model": root / "model.ts", "bundle_out": bundle_out}
+
+
+def run_bundle(data: Path, out: Path, weights: Path, num_pairs: int, *overrides: str) -> None:
+    """The bundle's own runner on ``data`` (no CBF, no QC): the reference the app must reproduce."""
+    run = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
+           "--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--output_dir", str(out),
+           "--num_pairs", str(num_pairs), "--handlers#0#load_path", str(weights), "--writer#write_cbf", "false",
+           "--writer#write_qc", "false", *overrides]  # fmt: skip
+    result = subprocess.run(
+        run, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**ENV, "PYTHON": sys.executable}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def check_against_bundle(out: Path, bundle_out: Path, data: Path, stems: list[str]) -> None:
@@ -105,6 +112,28 @@ def test_app_in_process_with_holoscan_env(case, tmp_path):
                             env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_against_bundle(out, case["bundle_out"], case["data"], ["sub-01", "sub-02_ses-1"])
+
+
+def test_app_gives_the_network_its_pair_count(tmp_path):
+    """At 3 pairs the risk-chosen blend acts (``restore_sure_from`` 3): the app's maps are the bundle's at 3
+    pairs, which differ from the maps without the blend, so the app passes the network its k. The shipped
+    weights on a noisy series: there the blend's share is inside (0, 1) (0.83 when this was written)."""
+    data, ref, no_blend, out = (tmp_path / name for name in ("data", "ref", "no_blend", "out"))
+    volumes, types, _ = phantom_series((20, 18, 8), num_pairs=4, seed=0)
+    pairs = [i for i, kind in enumerate(types) if kind != "m0scan"]
+    volumes[..., pairs] += np.random.default_rng(5).normal(0, 10, volumes[..., pairs].shape)
+    write_series(data / "sub-03" / "perf", "sub-03", volumes, types)
+    weights, model = BUNDLE / "models" / "model.pt", BUNDLE / "models" / "model.ts"
+    run_bundle(data, ref, weights, 3)
+    run_bundle(data, no_blend, weights, 3, "--restore_sure_from", "0")
+    cmd = [str(DEPLOY_PY), str(ROOT / "deploy" / "app.py"), "-i", str(data), "-o", str(out), "-m", str(model)]
+    env = {**ENV, "ASL_NUM_PAIRS": "3"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_against_bundle(out, ref, data, ["sub-03"])
+    rel = Path("sub-03") / "perf" / "sub-03_desc-enhanced_deltam.nii.gz"
+    blended, plain = (nib.load(d / rel).get_fdata(dtype=np.float32) for d in (ref, no_blend))
+    assert np.abs(blended - plain).max() > 1e-2 * np.abs(plain).max()
 
 
 def test_app_command_on_one_nifti(case, tmp_path):
