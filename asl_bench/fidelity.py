@@ -50,7 +50,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,62 @@ class Options:
     seed: int = 0
 
 
+@dataclass
+class PlantedGroup:
+    """One k-pair input group of a real long scan, with lesions planted into every pair (each keeps its noise)."""
+
+    k: int
+    index: int
+    group: list[int]
+    lesions: list
+    planted: Series
+    truth: np.ndarray  # the all-pair mean with the same lesions
+    regions: dict[str, list]  # per lesion kind, the core and shell of each placed lesion
+
+
+def planted_groups(s: Series, position: int, ks: Sequence[int], opts: Options) -> Iterator[PlantedGroup]:
+    """Every k's disjoint input groups of ``s`` (the ``position``-th series of a run), each with lesions of its
+    own seed, so the benchmark and the studies that call it plant the same lesions in the same places."""
+    pairs = s.item["pairs"]
+    allmean = pairs.mean(axis=0)
+    tissue = solid_head(s.brain)
+    for k in ks:
+        for gi, group in enumerate(core.groups_for(s.num_pairs, k, opts.groups)):
+            rng = np.random.default_rng([opts.seed, position, k, gi])
+            lesions = place_lesions(allmean, tissue, s.voxel, LESIONS, opts.per_type, rng)
+            planted = dataclasses.replace(s, item=dict(s.item, pairs=plant_lesions(pairs, lesions, s.voxel)))
+            regions = {
+                spec.name: [lesion_regions(s.brain.shape, c, spec, s.voxel, tissue) for sp, c in lesions if sp == spec]
+                for spec in LESIONS
+            }
+            yield PlantedGroup(k, gi, group, lesions, planted, planted.item["pairs"].mean(axis=0), regions)
+
+
+def add_gaussian_curve(plain: dict, lesioned: dict, prep: dict, prep_l: dict, voxel: Sequence[float]) -> None:
+    """A study's outputs on an input and on its planted twin, with the benchmark's Gaussian curve
+    (:data:`GAUSS_WIDTHS`) and the k-pair mean added beside them."""
+    for w in GAUSS_WIDTHS:
+        blur = gaussian_curve_fn(w, voxel)
+        plain[f"gauss_{w:g}"], lesioned[f"gauss_{w:g}"] = blur(prep), blur(prep_l)
+    plain["mean_k"], lesioned["mean_k"] = prep["input_mean"], prep_l["input_mean"]
+
+
+def planted_scores(
+    out: np.ndarray, lesioned: np.ndarray, prep: dict, g: PlantedGroup, gm: np.ndarray, wm: np.ndarray, brain
+) -> dict[str, float]:
+    """A study row's scores of one output: noise-corrected error, structure removed and GM/WM ratio against
+    the leave-out reference, and each lesion kind's contrast recovery on the planted input's output."""
+    ref, var = prep["other_mean"], prep["target_noise_var"]
+    row = {
+        "nmse": nmse_corrected(out, ref, var, brain),
+        "removed": structure_removed(prep["input_mean"], out, ref, brain, var),
+        "gm_wm": tissue_ratio_rel(out, ref, gm, wm),
+    }
+    for spec in LESIONS:
+        row[f"cr_{spec.name}"] = contrast_recovery(lesioned, g.truth, g.regions[spec.name])
+    return row
+
+
 def _row(run: Run, label: str, s: Series, k: int, group, method: str, params, seconds, best, values) -> None:
     scores = dict.fromkeys(METRICS, math.nan)
     scores.update({m: v for m, v in values.items() if m in METRICS})
@@ -298,46 +354,35 @@ def evaluate_real(
         pairs = s.item["pairs"]
         allmean = pairs.mean(axis=0)
         gm, wm = quantile_masks(allmean, s.brain)
-        tissue = solid_head(s.brain)
         null = dataclasses.replace(s, item=dict(s.item, pairs=(pairs - allmean[None]).astype(np.float32)))
-        for k in opts.ks:
+        for g in planted_groups(s, si, opts.ks, opts):
+            k, gi, group, planted, truth, regions = g.k, g.index, g.group, g.planted, g.truth, g.regions
             tk_key, tk = tuned_for(tuned, k)
-            for gi, group in enumerate(core.groups_for(s.num_pairs, k, opts.groups)):
-                rng = np.random.default_rng([opts.seed, si, k, gi])
-                lesions = place_lesions(allmean, tissue, s.voxel, LESIONS, opts.per_type, rng)
-                placed.setdefault(s.name, []).append(
-                    {"k": k, "group": gi, "lesions": [[spec.name, list(c)] for spec, c in lesions]}
-                )
-                planted = dataclasses.replace(s, item=dict(s.item, pairs=plant_lesions(pairs, lesions, s.voxel)))
-                truth = planted.item["pairs"].mean(axis=0)
-                regions = {
-                    spec.name: [
-                        lesion_regions(s.brain.shape, c, spec, s.voxel, tissue) for sp, c in lesions if sp == spec
-                    ]
-                    for spec in LESIONS
+            placed.setdefault(s.name, []).append(
+                {"k": k, "group": gi, "lesions": [[spec.name, list(c)] for spec, c in g.lesions]}
+            )
+            slow_ok = opts.slow and gi == 0
+            prep = core.prepare(s, group)
+            plain = run_methods(methods_for(s, group, k, tuned, models, slow_ok), prep)
+            prep_l = core.prepare(planted, group)
+            lesioned = run_methods(methods_for(planted, group, k, tuned, models, slow_ok), prep_l)
+            nulled = {}
+            if gi == 0:
+                prep_n = core.prepare(null, group)
+                nulled = run_methods(methods_for(null, group, k, tuned, models, slow_ok), prep_n)
+            for method, (out, seconds, params) in plain.items():
+                ref, var = prep["other_mean"], prep["target_noise_var"]
+                values = {
+                    "nmse_corrected": nmse_corrected(out, ref, var, s.brain),
+                    "level_ratio": float(out[s.brain].mean() / ref[s.brain].mean()),
+                    "structure_removed": structure_removed(prep["input_mean"], out, ref, s.brain, var),
+                    "gm_wm_ratio_rel": tissue_ratio_rel(out, ref, gm, wm),
                 }
-                slow_ok = opts.slow and gi == 0
-                prep = core.prepare(s, group)
-                plain = run_methods(methods_for(s, group, k, tuned, models, slow_ok), prep)
-                prep_l = core.prepare(planted, group)
-                lesioned = run_methods(methods_for(planted, group, k, tuned, models, slow_ok), prep_l)
-                nulled = {}
-                if gi == 0:
-                    prep_n = core.prepare(null, group)
-                    nulled = run_methods(methods_for(null, group, k, tuned, models, slow_ok), prep_n)
-                for method, (out, seconds, params) in plain.items():
-                    ref, var = prep["other_mean"], prep["target_noise_var"]
-                    values = {
-                        "nmse_corrected": nmse_corrected(out, ref, var, s.brain),
-                        "level_ratio": float(out[s.brain].mean() / ref[s.brain].mean()),
-                        "structure_removed": structure_removed(prep["input_mean"], out, ref, s.brain, var),
-                        "gm_wm_ratio_rel": tissue_ratio_rel(out, ref, gm, wm),
-                    }
-                    for spec in LESIONS:
-                        values[f"cr_{spec.name}"] = contrast_recovery(lesioned[method][0], truth, regions[spec.name])
-                    if method in nulled:
-                        values.update(null_checks(nulled[method][0], s.item["guide"], allmean, s.brain))
-                    _row(run, "fidelity_real", s, k, group, method, params, seconds, tk["best"], values)
+                for spec in LESIONS:
+                    values[f"cr_{spec.name}"] = contrast_recovery(lesioned[method][0], truth, regions[spec.name])
+                if method in nulled:
+                    values.update(null_checks(nulled[method][0], s.item["guide"], allmean, s.brain))
+                _row(run, "fidelity_real", s, k, group, method, params, seconds, tk["best"], values)
         evaluate_noharm(s, allmean, gm, wm, tuned, models, opts, "noharm_real", run)
         log(f"fidelity real {s.name}: {time.perf_counter() - start:.0f}s")
     return placed

@@ -406,7 +406,7 @@ class ASLOutputWriter:
             cbf_text += f" {CBF_UNITS_TEXT}"
         else:
             cbf_text = f"no CBF: {series_cbf.reason if series_cbf else 'not requested'}"[:110]
-        averaged = float(to_numpy(item.get("pairs_averaged", 1.0)))
+        averaged = pairs_averaged(item)
         each = f" (each the scanner's mean of {averaged:g})" if averaged > 1 else ""
         title = f"{Path(item['rel_dir']) / item['stem']}: {used} of {total} pairs used{each}\n{cbf_text}"
         reference_text = unused_pairs_line(item, outputs, all_pairs)
@@ -563,9 +563,14 @@ class ASLOutputWriter:
         )
 
 
+def pairs_averaged(item: dict) -> float:
+    """How many acquired pairs each pair of the item's file averages (``TotalAcquiredPairs``; 1 without it)."""
+    return float(to_numpy(item.get("pairs_averaged", 1.0)))
+
+
 def averaged_pairs_field(item: dict) -> dict:
     """``AcquiredPairsPerPair`` where each pair of the file averages several acquired ones, else nothing."""
-    averaged = float(to_numpy(item.get("pairs_averaged", 1.0)))
+    averaged = pairs_averaged(item)
     return {"AcquiredPairsPerPair": round(averaged, 3)} if averaged > 1 else {}
 
 
@@ -622,7 +627,7 @@ def averaged_volume_fields(item: dict) -> dict:
     logged warning. Without a second volume there is no noise twin, so the network takes the volume for one
     pair's noise and smooths it as such, however clean it is (studies/single_pair_gate: half of a real 2D
     pCASL scan, 25 pairs, given as one volume: error 0.60 against the input's 0.048; as two volumes 0.051)."""
-    averaged = float(to_numpy(item.get("pairs_averaged", 1.0)))
+    averaged = pairs_averaged(item)
     if averaged <= 1 or len(json.loads(item["input_pairs"])) != 1:
         return {}
     note = (

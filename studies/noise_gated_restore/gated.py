@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from asl_enhance.adaptation import adapt_network
-from asl_enhance.metrics import nmse, nmse_corrected
+from asl_enhance.metrics import nmse
 from asl_enhance.networks import GaussianSmooth, NoiseGatedRestore, head_mean
 from asl_enhance.transforms import NormalizeASLd
 
@@ -287,37 +287,16 @@ def main() -> None:
     rows = []
     for si, s in enumerate(series):
         start = time.perf_counter()
-        pairs = s.item["pairs"]
-        allmean = pairs.mean(axis=0)
-        gm, wm = fd.quantile_masks(allmean, s.brain)
-        tissue = fd.solid_head(s.brain)
-        for k in args.ks:
-            for gi, group in enumerate(core.groups_for(s.num_pairs, k, opts.groups)):
-                rng = np.random.default_rng([opts.seed, si, k, gi])
-                lesions = fd.place_lesions(allmean, tissue, s.voxel, fd.LESIONS, opts.per_type, rng)
-                planted = dataclasses.replace(s, item=dict(s.item, pairs=fd.plant_lesions(pairs, lesions, s.voxel)))
-                truth = planted.item["pairs"].mean(axis=0)
-                regions = {
-                    sp.name: [fd.lesion_regions(s.brain.shape, c, sp, s.voxel, tissue) for q, c in lesions if q == sp]
-                    for sp in fd.LESIONS
-                }
-                prep = core.prepare(s, group)
-                prep_l = core.prepare(planted, group)
-                plain = outputs(adapted(model, s.item, group, args.adapt_steps), prep, variants)
-                lesioned = outputs(adapted(model, planted.item, group, args.adapt_steps), prep_l, variants)
-                ref, var = prep["other_mean"], prep["target_noise_var"]
-                for w in fd.GAUSS_WIDTHS:  # the benchmark's Gaussian curve
-                    blur = fd.gaussian_curve_fn(w, s.voxel)
-                    plain[f"gauss_{w:g}"], lesioned[f"gauss_{w:g}"] = blur(prep), blur(prep_l)
-                plain["mean_k"], lesioned["mean_k"] = prep["input_mean"], prep_l["input_mean"]
-                for name, out in plain.items():
-                    row = {"scan": s.name, "k": k, "group": gi, "method": name}
-                    row["nmse"] = nmse_corrected(out, ref, var, s.brain)
-                    row["removed"] = fd.structure_removed(prep["input_mean"], out, ref, s.brain, var)
-                    row["gm_wm"] = fd.tissue_ratio_rel(out, ref, gm, wm)
-                    for sp in fd.LESIONS:
-                        row[f"cr_{sp.name}"] = fd.contrast_recovery(lesioned[name], truth, regions[sp.name])
-                    rows.append(row)
+        gm, wm = fd.quantile_masks(s.item["pairs"].mean(axis=0), s.brain)
+        for g in fd.planted_groups(s, si, args.ks, opts):
+            prep, prep_l = core.prepare(s, g.group), core.prepare(g.planted, g.group)
+            plain = outputs(adapted(model, s.item, g.group, args.adapt_steps), prep, variants)
+            lesioned = outputs(adapted(model, g.planted.item, g.group, args.adapt_steps), prep_l, variants)
+            fd.add_gaussian_curve(plain, lesioned, prep, prep_l, s.voxel)  # the benchmark's Gaussian curve
+            for name, out in plain.items():
+                row = {"scan": s.name, "k": g.k, "group": g.index, "method": name}
+                row.update(fd.planted_scores(out, lesioned[name], prep, g, gm, wm, s.brain))
+                rows.append(row)
         prep = core.prepare(s, list(range(s.num_pairs)))
         for name, out in outputs(model, prep, variants).items():
             row = {"scan": s.name, "k": s.num_pairs, "group": "all", "method": name}

@@ -104,33 +104,14 @@ def main() -> None:
     rows = []
     for si, s in enumerate(series):
         start = time.perf_counter()
-        pairs = s.item["pairs"]
-        allmean = pairs.mean(axis=0)
-        gm, wm = fd.quantile_masks(allmean, s.brain)
-        tissue = fd.solid_head(s.brain)
-        for gi, group in enumerate(core.groups_for(s.num_pairs, 1, opts.groups)):
-            rng = np.random.default_rng([opts.seed, si, 1, gi])
-            lesions = fd.place_lesions(allmean, tissue, s.voxel, fd.LESIONS, opts.per_type, rng)
-            planted = dataclasses.replace(s, item=dict(s.item, pairs=fd.plant_lesions(pairs, lesions, s.voxel)))
-            truth = planted.item["pairs"].mean(axis=0)
-            regions = {
-                sp.name: [fd.lesion_regions(s.brain.shape, c, sp, s.voxel, tissue) for q, c in lesions if q == sp]
-                for sp in fd.LESIONS
-            }
-            prep, prep_l = core.prepare(s, group), core.prepare(planted, group)
+        gm, wm = fd.quantile_masks(s.item["pairs"].mean(axis=0), s.brain)
+        for g in fd.planted_groups(s, si, (1,), opts):
+            prep, prep_l = core.prepare(s, g.group), core.prepare(g.planted, g.group)
             plain, lesioned = outputs(model, prep, variants), outputs(model, prep_l, variants)
-            for w in fd.GAUSS_WIDTHS:
-                blur = fd.gaussian_curve_fn(w, s.voxel)
-                plain[f"gauss_{w:g}"], lesioned[f"gauss_{w:g}"] = blur(prep), blur(prep_l)
-            plain["mean_k"], lesioned["mean_k"] = prep["input_mean"], prep_l["input_mean"]
-            ref, var = prep["other_mean"], prep["target_noise_var"]
+            fd.add_gaussian_curve(plain, lesioned, prep, prep_l, s.voxel)
             for name, out in plain.items():
-                row = {"scan": s.name, "k": 1, "group": gi, "method": name}
-                row["nmse"] = nmse_corrected(out, ref, var, s.brain)
-                row["removed"] = fd.structure_removed(prep["input_mean"], out, ref, s.brain, var)
-                row["gm_wm"] = fd.tissue_ratio_rel(out, ref, gm, wm)
-                for sp in fd.LESIONS:
-                    row[f"cr_{sp.name}"] = fd.contrast_recovery(lesioned[name], truth, regions[sp.name])
+                row = {"scan": s.name, "k": 1, "group": g.index, "method": name}
+                row.update(fd.planted_scores(out, lesioned[name], prep, g, gm, wm, s.brain))
                 rows.append(row)
         for volumes, label in ((1, "clean_half"), (2, "clean_half_2vol")):  # half the pairs, averaged
             half, group = as_volumes(s, s.num_pairs // 2, volumes)

@@ -16,14 +16,13 @@ lesions (gated.py's inputs) and simulated subjects.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from asl_enhance.metrics import nmse, nmse_corrected
+from asl_enhance.metrics import nmse
 from asl_enhance.transforms import NormalizeASLd
 
 from asl_bench import core
@@ -111,36 +110,16 @@ def main() -> None:
     rows = []
     for si, s in enumerate(series):
         start = time.perf_counter()
-        pairs = s.item["pairs"]
-        allmean = pairs.mean(axis=0)
-        gm, wm = fd.quantile_masks(allmean, s.brain)
-        tissue = fd.solid_head(s.brain)
-        for k in args.ks:
-            for gi, group in enumerate(core.groups_for(s.num_pairs, k, opts.groups)):
-                rng = np.random.default_rng([opts.seed, si, k, gi])
-                lesions = fd.place_lesions(allmean, tissue, s.voxel, fd.LESIONS, opts.per_type, rng)
-                planted = dataclasses.replace(s, item=dict(s.item, pairs=fd.plant_lesions(pairs, lesions, s.voxel)))
-                truth = planted.item["pairs"].mean(axis=0)
-                regions = {
-                    sp.name: [fd.lesion_regions(s.brain.shape, c, sp, s.voxel, tissue) for q, c in lesions if q == sp]
-                    for sp in fd.LESIONS
-                }
-                prep, prep_l = core.prepare(s, group), core.prepare(planted, group)
-                c, c_l = candidates(model, prep), candidates(model, prep_l)
-                plain, lesioned = blends(c), blends(c_l)
-                for w in fd.GAUSS_WIDTHS:
-                    blur = fd.gaussian_curve_fn(w, s.voxel)
-                    plain[f"gauss_{w:g}"], lesioned[f"gauss_{w:g}"] = blur(prep), blur(prep_l)
-                plain["mean_k"], lesioned["mean_k"] = prep["input_mean"], prep_l["input_mean"]
-                ref, var = prep["other_mean"], prep["target_noise_var"]
-                for name, out in plain.items():
-                    row = {"scan": s.name, "k": k, "group": gi, "method": name, "w": c["w"], "w_lesion": c_l["w"]}
-                    row["nmse"] = nmse_corrected(out, ref, var, s.brain)
-                    row["removed"] = fd.structure_removed(prep["input_mean"], out, ref, s.brain, var)
-                    row["gm_wm"] = fd.tissue_ratio_rel(out, ref, gm, wm)
-                    for sp in fd.LESIONS:
-                        row[f"cr_{sp.name}"] = fd.contrast_recovery(lesioned[name], truth, regions[sp.name])
-                    rows.append(row)
+        gm, wm = fd.quantile_masks(s.item["pairs"].mean(axis=0), s.brain)
+        for g in fd.planted_groups(s, si, args.ks, opts):
+            prep, prep_l = core.prepare(s, g.group), core.prepare(g.planted, g.group)
+            c, c_l = candidates(model, prep), candidates(model, prep_l)
+            plain, lesioned = blends(c), blends(c_l)
+            fd.add_gaussian_curve(plain, lesioned, prep, prep_l, s.voxel)
+            for name, out in plain.items():
+                row = {"scan": s.name, "k": g.k, "group": g.index, "method": name, "w": c["w"], "w_lesion": c_l["w"]}
+                row.update(fd.planted_scores(out, lesioned[name], prep, g, gm, wm, s.brain))
+                rows.append(row)
         prep = core.prepare(s, list(range(s.num_pairs)))
         for name, out in blends(candidates(model, prep)).items():
             row = {"scan": s.name, "k": s.num_pairs, "group": "all", "method": name}
