@@ -127,6 +127,17 @@ def test_form_pairs_errors_name_the_source():
         form_pairs(["m0scan", "m0scan"], "ctx.tsv")
 
 
+def test_form_pairs_leaves_out_only_a_trailing_unpaired_volume():
+    """A scan stopped mid-pair keeps its pairs (noted); an unpaired volume inside would shift every pairing."""
+    notes: list[str] = []
+    assert form_pairs(["control", "label", "control", "label", "control"], "ctx.tsv", notes) == [(0, 1), (2, 3)]
+    assert notes == ["ctx.tsv: the last control volume (index 4) has no partner: left out"]
+    assert form_pairs(["label", "control", "label"], "ctx.tsv", []) == [(1, 0)]
+    for inside in (["control", "control", "label"], ["control", "label", "control", "control", "label"]):
+        with pytest.raises(ASLInputError, match="cannot form pairs"):
+            form_pairs(inside, "ctx.tsv", [])
+
+
 def test_read_aslcontext_variants(tmp_path):
     path = tmp_path / "x_aslcontext.tsv"
     path.write_text("\ufeffVolume_Type\textra\nControl\ta\n\n LABEL \tb\nm0scan\tc\n")

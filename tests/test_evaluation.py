@@ -37,16 +37,19 @@ def test_groups_are_disjoint_and_leave_two_reference_pairs():
     np.testing.assert_allclose(items[1]["other_mean"][0, 0, 0], (0 + 1 + 4) / 3)
     # reference noise variance: sample variance of the reference pairs / their number
     np.testing.assert_allclose(items[1]["target_noise_var"][0, 0, 0], np.var([0, 1, 4], ddof=1) / 3, rtol=1e-6)
-    # max_groups caps the count; K = 4 of 5 pairs leaves one reference pair: group 0 only
+    # max_groups caps the count; K = 4 of 5 pairs would leave one reference pair, whose noise no spread
+    # measures: refused, not scored uncorrected
     assert len(SelectPairsd(num_input_pairs=1, mode="groups", target="other", max_groups=3)({"pairs": pairs})) == 3
-    assert len(SelectPairsd(num_input_pairs=4, mode="groups", target="other")({"pairs": pairs})) == 1
+    assert len(SelectPairsd(num_input_pairs=3, mode="groups", target="other")({"pairs": pairs})) == 1
+    with pytest.raises(Exception, match=r"needs at least 6 pairs \(4 as input, 2 unused"):
+        SelectPairsd(num_input_pairs=4, mode="groups", target="other")({"pairs": pairs, "asl": "x"})
 
 
 def test_failed_item_passes_through_as_one_item():
     pairs = _pairs((1.0, 2.0), (3.0, 4.0))
     out = SelectPairsd(num_input_pairs=2, mode="groups", target="other", on_error="skip")({"pairs": pairs, "asl": "x"})
-    assert isinstance(out, dict) and "needs more than 2 pairs" in out["error"]
-    with pytest.raises(Exception, match="needs more than 2 pairs"):
+    assert isinstance(out, dict) and "needs at least 4 pairs" in out["error"]
+    with pytest.raises(Exception, match="needs at least 4 pairs"):
         SelectPairsd(num_input_pairs=2, mode="groups", target="other")({"pairs": pairs, "asl": "x"})
 
 
@@ -69,6 +72,25 @@ def test_corrected_error_hand_computed():
     single = metrics.per_pair_nmse(item["pair_noise_var"], ref, ref_var, mask)
     assert single == pytest.approx((7 / 3 + 1) / 3)
     assert metrics.effective_pairs(corrected, single) == pytest.approx((10 / 9) / (2 / 3))
+
+
+def test_evaluation_table_is_kept_checked_and_never_header_only(tmp_path, capsys):
+    """The command line's evaluation writer: an existing table is kept without --overwrite, an output
+    folder inside the data set is refused (one line, status 2), and a run that scored nothing writes none."""
+    data, out = tmp_path / "data", tmp_path / "eval"
+    data.mkdir()
+    writer = ASLEvaluationWriter(str(out), dataset_dir=str(data), overwrite=False)
+    writer.write()  # every series failed
+    assert not writer.path.exists() and "No series scored" in capsys.readouterr().out
+    writer.path.write_text("series,method\n")
+    for folder, overwrite, says in (
+        (out, False, "exists (--overwrite true replaces it)"),
+        (data / "x", True, "inside"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            ASLEvaluationWriter(str(folder), dataset_dir=str(data), overwrite=overwrite)
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+    ASLEvaluationWriter(str(out), dataset_dir=str(data), overwrite=True)  # replacing it was asked for
 
 
 def test_series_row_is_median_over_groups():

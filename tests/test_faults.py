@@ -18,8 +18,16 @@ import numpy as np
 import pytest
 import torch
 from asl_enhance import outputs
-from asl_enhance.bids import VOLUME_TYPES, ASLInputError, find_asl_series, form_pairs, load_asl_series, read_aslcontext
-from asl_enhance.failures import find_series_or_exit
+from asl_enhance.bids import (
+    VOLUME_TYPES,
+    ASLInputError,
+    find_asl_series,
+    form_pairs,
+    load_asl_series,
+    parse_num_pairs,
+    read_aslcontext,
+)
+from asl_enhance.failures import find_series_or_exit, num_pairs_or_exit
 from asl_enhance.transforms import LoadASLSeriesd, NormalizeASLd, SelectPairsd
 from asl_enhance.writers import ASLOutputWriter
 from helpers import AFFINE, BUNDLE, CONFIGS, ROOT, phantom_series, run_in_process, write_series
@@ -191,7 +199,7 @@ def test_mismatched_m0_geometry(tmp_path, mismatch):
     affine[:3, 3] += 1000.0 if mismatch == "shape" else 0.0  # another grid that does not overlap: refused
     nib.save(nib.Nifti1Image(m0, affine), tmp_path / "sub-01_m0scan.nii.gz")
     err = _error(asl)
-    assert err.path == str(tmp_path / "sub-01_m0scan.nii.gz") and "does not match the ASL series" in err.problem
+    assert err.path == str(tmp_path / "sub-01_m0scan.nii.gz") and "does not overlap the ASL series" in err.problem
 
 
 @pytest.mark.parametrize("k", [0, -2, 4])
@@ -201,6 +209,20 @@ def test_num_pairs_out_of_range(tmp_path, k):
     assert err.path == str(asl) and ("positive" in err.problem if k < 1 else "only 3 pairs" in err.problem)
     d = LoadASLSeriesd(num_pairs=k, on_error="skip")(_item(asl))
     assert d["error"] == str(err)
+
+
+def test_num_pairs_must_be_a_whole_number(capsys):
+    """2.5 pairs is not silently 2, and "abc" is one line with exit status 2 before anything runs."""
+    for value, parsed in ((None, None), ("all", None), ("", None), (3, 3), ("3", 3), (3.0, 3)):
+        assert parse_num_pairs(value) == parsed
+    for bad in (2.5, "abc", True, "2.5", float("nan")):
+        with pytest.raises(ValueError, match="whole number"):
+            LoadASLSeriesd(num_pairs=bad)
+        with pytest.raises(SystemExit) as exc:
+            num_pairs_or_exit(bad)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ERROR: --num_pairs: ") and err.count("\n") == 0
 
 
 def test_empty_or_missing_dataset_folder(tmp_path, capsys):
@@ -370,6 +392,17 @@ def test_batch_with_five_broken_series(tmp_path):
         assert not [p for p in (out / broken).rglob("*") if p.is_file()] if (out / broken).exists() else True
     hidden = [p for p in out.rglob("*") if p.name != ".bidsignore" and (p.name.startswith(".") or "partial" in p.name)]
     assert not hidden  # .bidsignore is the one hidden output (BIDS's name for it)
+
+
+@pytest.mark.slow
+def test_bad_num_pairs_cli(tmp_path):
+    data = tmp_path / "data"
+    _good(data)
+    result = _bundle_cli("--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--num_pairs", "abc")
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == ["ERROR: --num_pairs: num_pairs must be a whole number of pairs (or 'all'), got 'abc'"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.nii.gz"))
 
 
 @pytest.mark.slow

@@ -482,7 +482,7 @@ def test_m0_that_does_not_overlap_is_refused(tmp_path):
     m0_affine[:3, 3] += 500.0
     asl, _ = _separate_m0_series(tmp_path, truth, m0_affine)
     err = _refused(asl)
-    assert err.path == str(_m0_path(asl)) and "does not overlap it in world space" in err.problem
+    assert err.path == str(_m0_path(asl)) and "does not overlap the ASL series" in err.problem
 
 
 def test_resampling_note_reaches_deltam_and_cbf_sidecars(tmp_path):
@@ -524,6 +524,60 @@ def test_collinear_affine_is_refused(tmp_path):
     affine[:3, 1] = affine[:3, 0]  # two voxel axes along the same direction
     asl = write_series(tmp_path, "sub-01", volumes, types, affine=affine)
     assert "singular" in _refused(asl).problem
+
+
+# ------------------------------------------------------- one series stored as .nii and as .nii.gz
+def test_series_stored_twice_is_refused_naming_the_other_copy(tmp_path):
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=2, m0_volumes=1)
+    gz = write_series(tmp_path, "sub-01", volumes, types)
+    plain = gz.with_name("sub-01_asl.nii")
+    nib.save(nib.load(gz), plain)
+    items = find_asl_series(tmp_path)
+    assert sorted(Path(i["asl"]).name for i in items) == ["sub-01_asl.nii", "sub-01_asl.nii.gz"]
+    for path, other in ((gz, plain), (plain, gz)):
+        err = _refused(path)
+        assert err.path == str(path) and f"{other.name} beside it holds the same series" in err.problem
+
+
+def test_trailing_unpaired_control_is_left_out_and_noted(tmp_path):
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=3, m0_volumes=1)
+    control = volumes[..., types.index("control")]
+    asl = write_series(tmp_path, "sub-01", np.concatenate([volumes, control[..., None]], -1), types + ["control"])
+    series = load_asl_series(_item(asl))
+    assert series.num_pairs == 3
+    note = f"sub-01_aslcontext.tsv: the last control volume (index {len(types)}) has no partner: left out"
+    assert series.notes == [note]
+
+
+def test_missing_sidecar_is_named_as_the_reason_for_no_cbf(tmp_path):
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=2, m0_volumes=1)
+    asl = write_series(tmp_path, "sub-01", volumes, types)
+    sidecar = asl.with_name("sub-01_asl.json")
+    sidecar.unlink()
+    result = _quantify(load_asl_series(_item(asl)), _item(asl))
+    assert result.maps == {} and f"{sidecar}: sidecar JSON is missing" in result.reason
+
+
+def test_included_and_separate_m0_says_which_is_used(tmp_path):
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=2, m0_volumes=1)
+    asl = write_series(tmp_path, "sub-01", volumes, types, m0=2 * volumes[..., types.index("m0scan")])
+    series = load_asl_series(_item(asl))
+    np.testing.assert_allclose(series.m0, volumes[..., types.index("m0scan")], rtol=1e-6)
+    assert series.notes == ["M0 both in the series and as sub-01_m0scan.nii.gz: the series' m0scan volumes are used"]
+
+
+# --------------------------------------------------- M0Type Absent, but an M0 beside it: used, said
+def test_m0_type_absent_with_an_m0_file_uses_it_and_says_so(tmp_path):
+    volumes, types, _ = phantom_series(SHAPE, num_pairs=3, m0_volumes=1)
+    m0 = volumes[..., types.index("m0scan")]
+    keep = [i for i, t in enumerate(types) if t != "m0scan"]
+    sidecar = {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "LabelingDuration": 1.8,
+               "M0Type": "Absent", "MagneticFieldStrength": 3, "BackgroundSuppression": False}  # fmt: skip
+    asl = write_series(tmp_path, "sub-01", volumes[..., keep], [types[i] for i in keep], sidecar, m0=m0)
+    series = load_asl_series(_item(asl))
+    result = _quantify(series, _item(asl))
+    assert result.reason == "" and "mean" in result.maps  # CBF from the M0 the sidecar did not announce
+    assert any("M0Type Absent but an M0 was found separate: the M0 found is used" in n for n in result.params.notes)
 
 
 # ------------------------------------------------------------------------------- M0 absent: fine

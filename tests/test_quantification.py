@@ -142,6 +142,29 @@ def test_labeling_efficiency_and_background_suppression(fields, alpha):
     np.testing.assert_allclose(_cbf(params), _cbf(_params()) * 0.85 / alpha, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "fields, alpha, says",
+    [
+        ({"BackgroundSuppressionNumberPulses": 4}, 0.85 * 0.95**4, "on assumed from the sidecar's 4 pulses"),
+        ({"BackgroundSuppressionEfficiency": 0.9}, 0.85 * 0.9, "on assumed"),
+        ({"BackgroundSuppressionNumberPulses": 0}, 0.85, "off, from the sidecar's 0 pulses"),
+        ({}, 0.85, "off assumed; if the scan used it, CBF reads low"),
+    ],
+)
+def test_missing_background_suppression_is_inferred_and_said(fields, alpha, says):
+    """BackgroundSuppression missing: the pulse count decides, and the CBF sidecar's notes say what was assumed."""
+    params = _params(BackgroundSuppression=None, **fields)
+    assert params.alpha == pytest.approx(alpha)
+    assert any(says in note for note in params.notes), params.notes
+
+
+def test_missing_labeling_duration_is_said():
+    params = _params(LabelingDuration=None)
+    assert params.labeling_duration == 1.8
+    assert any("LabelingDuration missing: 1.8 s assumed" in note for note in params.notes)
+    assert not any("LabelingDuration" in note for note in _params().notes)
+
+
 def test_sources_say_sidecar_or_default():
     defaults = _params(LabelingDuration=None)
     assert defaults.sources["LabelingEfficiency"] == "default" and defaults.labeling_efficiency == 0.85

@@ -147,6 +147,18 @@ def find_asl_series(
             if truth.exists():
                 item["truth"] = str(truth)
         items.append(item)
+    return _mark_duplicates(items)
+
+
+def _mark_duplicates(items: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A series stored twice in one folder (``x_asl.nii`` beside ``x_asl.nii.gz``) would write the same
+    outputs twice: each copy names the other (``duplicate``), and reading either refuses it."""
+    by_series: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for item in items:
+        by_series.setdefault((item["rel_dir"], item["stem"]), []).append(item)
+    for copies in by_series.values():
+        for item in copies if len(copies) > 1 else ():
+            item["duplicate"] = next(c["asl"] for c in copies if c is not item)
     return items
 
 
@@ -246,11 +258,22 @@ def _json_depth(value: Any) -> int:
     return depth
 
 
-def form_pairs(volume_types: list[str], source: str | Path = "<aslcontext>") -> list[tuple[int, ...]]:
+def form_pairs(
+    volume_types: list[str], source: str | Path = "<aslcontext>", notes: list[str] | None = None
+) -> list[tuple[int, ...]]:
     """Volume indices of each pair: the i-th control with the i-th label, in either order; a
-    ``deltam`` volume is a pair by itself. Pairs are ordered by their first volume."""
+    ``deltam`` volume is a pair by itself. Pairs are ordered by their first volume. With ``notes``, one
+    control or label after every volume of the other kind (a scan stopped mid-pair), where every other
+    pair's volumes are neighbours, is left out and noted; any other mismatch could pair the wrong
+    volumes and is refused."""
     controls = [i for i, t in enumerate(volume_types) if t == "control"]
     labels = [i for i, t in enumerate(volume_types) if t == "label"]
+    extra, other = (controls, labels) if len(controls) > len(labels) else (labels, controls)
+    trailing = len(extra) == len(other) + 1 and (not other or extra[-1] > other[-1])
+    if notes is not None and trailing and all(abs(a - b) == 1 for a, b in zip(extra, other)):
+        kind = volume_types[extra[-1]]
+        notes.append(f"{Path(source).name}: the last {kind} volume (index {extra[-1]}) has no partner: left out")
+        extra.pop()
     if len(controls) != len(labels):
         raise ASLInputError(source, f"{len(controls)} control but {len(labels)} label volumes: cannot form pairs")
     pairs: list[tuple[int, ...]] = list(zip(controls, labels))
@@ -323,6 +346,21 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         )
 
 
+def parse_num_pairs(value: Any) -> int | None:
+    """The pair count a user asked for: None (also "", "all", "none", "null") for every pair, else a whole
+    number (2, "2" or 2.0); ValueError for anything else (2.5, "abc", True), never a silent rounding."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "all", "none", "null")):
+        return None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if number.is_integer():
+            return int(number)
+    raise ValueError(f"num_pairs must be a whole number of pairs (or 'all'), got {value!r}")
+
+
 def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSeries:
     """Read a series found by :func:`find_asl_series` into pair differences, mean control and M0.
 
@@ -330,8 +368,12 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
     and pair-order checks use every pair of the series, so they do not depend on K.
     """
     asl_path = item["asl"]
+    if item.get("duplicate"):
+        other = Path(item["duplicate"]).name
+        raise ASLInputError(asl_path, f"{other} beside it holds the same series: keep one, the outputs would collide")
     volume_types = read_aslcontext(item["aslcontext"])
-    pairs_idx = form_pairs(volume_types, item["aslcontext"])
+    notes: list[str] = []
+    pairs_idx = form_pairs(volume_types, item["aslcontext"], notes)
     sidecar = read_sidecar(item.get("sidecar"))
     data, affine = load_nifti(asl_path)
     if data.ndim == 3 and len(volume_types) == 1:
@@ -343,7 +385,6 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
             item["aslcontext"], f"lists {len(volume_types)} volumes but {Path(asl_path).name} has {data.shape[3]}"
         )
     check_signal(data, volume_types, pairs_idx, asl_path)
-    notes: list[str] = []
     m0, m0_source = _load_m0(item, data, affine, volume_types, notes)
     order = pair_order_statistic(data, volume_types, pairs_idx, m0)
     _refuse_swapped_order(order, volume_types, item["aslcontext"], asl_path, notes)
@@ -353,7 +394,8 @@ def load_asl_series(item: dict[str, str], num_pairs: int | None = None) -> ASLSe
         if int(num_pairs) < 1:
             raise ASLInputError(asl_path, f"num_pairs must be positive, got {num_pairs}")
         if int(num_pairs) > len(pairs_idx):
-            raise ASLInputError(asl_path, f"num_pairs={num_pairs} but the series has only {len(pairs_idx)} pairs")
+            have = f"{len(pairs_idx)} pair" + ("s" if len(pairs_idx) != 1 else "")
+            raise ASLInputError(asl_path, f"num_pairs={num_pairs} but the series has only {have}")
         pairs_idx = pairs_idx[: int(num_pairs)]
     pairs = np.stack([_pair_difference(data, idx, volume_types) for idx in pairs_idx]).astype(np.float32)
     control_mean = mean_control(data, volume_types, pairs_idx)
@@ -414,6 +456,9 @@ def _load_m0(item, data, affine, volume_types, notes: list[str]) -> tuple[np.nda
     if included:
         m0 = data[..., included].mean(axis=-1)
         check_m0(m0, item["asl"])
+        if item.get("m0scan"):
+            separate = Path(item["m0scan"]).name
+            notes.append(f"M0 both in the series and as {separate}: the series' m0scan volumes are used")
         return m0, "included"
     m0_path = item.get("m0scan")
     if not m0_path:
@@ -475,7 +520,9 @@ def m0_on_asl_grid(
     inside = np.all((coords > -0.5 - 1e-6) & (coords < limits + 1e-6), axis=0)
     if not inside.any():
         raise ASLInputError(
-            path, f"M0 grid {m0.shape} does not match the ASL series {shape} and does not overlap it in world space"
+            path,
+            f"M0 (grid {m0.shape}) does not overlap the ASL series (grid {shape}) in world space: check the two"
+            " files' affines",
         )
     nearest = np.rint(coords)
     coverage = f"{inside.mean():.0%} of the ASL voxels lie inside the M0" + (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 
 from . import metrics as asl_metrics
-from .failures import SeriesProgress
+from .failures import EXIT_NO_INPUT, SeriesProgress, check_output_dir_or_exit
 from .fidelity import LESIONS, contrast_recovery, lesion_regions, quantile_masks, structure_removed, tissue_ratio_rel
 from .items import batch_items, to_numpy, volume, voxel_sizes
 from .outputs import write_text
@@ -57,15 +58,24 @@ class ASLEvaluationWriter:
     n-pair mean reaches the median error (:func:`~asl_enhance.metrics.pairs_for_error` on the
     series' :func:`~asl_enhance.metrics.mean_error_curve`), with the lowest and highest over its
     groups beside it. Every row also holds :class:`FidelityScorer`'s scores (structure removed, tissue
-    contrast, and each planted lesion kind's contrast recovery where ``evaluate_lesions.json`` planted them)."""
+    contrast, and each planted lesion kind's contrast recovery where ``evaluate_lesions.json`` planted them).
+    With ``dataset_dir`` (the command line) the output folder gets the inference run's checks, and an
+    existing table is kept unless ``overwrite``."""
 
     def __init__(
         self,
         output_dir: str,
         methods: Sequence[str] = ("enhanced", "mean", "gaussian"),
         filename: str = "evaluation.csv",
+        dataset_dir: str | None = None,
+        overwrite: bool = True,
     ):
         self.path = Path(output_dir) / filename
+        if dataset_dir is not None:  # the command line: the inference run's checks, before any series runs
+            check_output_dir_or_exit(output_dir, dataset_dir)
+        if not overwrite and self.path.exists():
+            print(f"ERROR: {self.path} exists (--overwrite true replaces it)", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_NO_INPUT)
         self.methods = tuple(methods)
         self.rows: list[dict] = []
         self.pair_values: dict[str, np.ndarray] = {}  # per series: its pairs inside the mask
@@ -170,6 +180,9 @@ class ASLEvaluationWriter:
     def write(self, engine: Engine | None = None) -> None:
         """Write the CSV (atomically) and print a one-line summary per method."""
         series = self.series_rows()
+        if not series:  # every series failed: SeriesFailureReport names them; no header-only table
+            print(f"No series scored: {self.path} not written")
+            return
         totals = self._totals(series)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=EVALUATION_COLUMNS, lineterminator="\n", extrasaction="ignore")

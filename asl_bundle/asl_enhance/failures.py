@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from ignite.engine import Engine, Events
 
-from .bids import ASLInputError, find_asl_series, load_asl_series
+from .bids import ASLInputError, find_asl_series, load_asl_series, parse_num_pairs
 from .items import batch_items
 from .outputs import output_dir_problem, remove_stale_temporaries
 
@@ -68,6 +68,16 @@ def check_output_dir_or_exit(output_dir: str | Path, dataset_dir: str | Path | N
     removed = remove_stale_temporaries(output_dir, started)
     if removed:
         logger.info("removed %d temporary files/folders left in %s by an interrupted run", removed, output_dir)
+
+
+def num_pairs_or_exit(value: Any) -> int | None:
+    """``--num_pairs`` of a command-line run, checked before any series runs: a whole number or all
+    (None); anything else prints one line and exits with status 2 (no traceback, nothing written)."""
+    try:
+        return parse_num_pairs(value)
+    except ValueError as err:
+        print(f"ERROR: --num_pairs: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_INPUT) from None
 
 
 class SeriesProgress:

@@ -206,6 +206,11 @@ def parse_parameters(
         tau = _positive(tau, "LabelingDuration", path)
         labeling_duration = physics.DEFAULT_LABELING_DURATION_S if tau is None else tau
         src["LabelingDuration"] = DEFAULT if tau is None else SIDECAR
+        if tau is None:
+            notes.append(
+                f"LabelingDuration missing: {labeling_duration:g} s assumed (the white paper's); CBF is off by as"
+                " much as the scan's duration differs"
+            )
 
     efficiency = _positive(sidecar_number(sidecar, "LabelingEfficiency", path), "LabelingEfficiency", path, 1.0)
     src["LabelingEfficiency"] = DEFAULT if efficiency is None else SIDECAR
@@ -348,6 +353,8 @@ def _parse_background_suppression(sidecar, path, labeling_type, src, notes) -> t
     given = _positive(
         sidecar_number(sidecar, "BackgroundSuppressionEfficiency", path), "BackgroundSuppressionEfficiency", path, 1.0
     )
+    if bs is None:
+        bs = _background_suppression_assumed(pulses, given, src, notes)
     if not bs:
         src["BackgroundSuppressionEfficiency"] = DERIVED
         return bool(bs), 0 if pulses is None else pulses, 1.0
@@ -362,6 +369,25 @@ def _parse_background_suppression(sidecar, path, labeling_type, src, notes) -> t
     src["BackgroundSuppressionEfficiency"] = f"default ({physics.BS_EFFICIENCY_PER_PULSE} per pulse)"
     factor = physics.effective_labeling_efficiency(labeling_type, 1.0, pulses)
     return True, pulses, float(factor)
+
+
+def _background_suppression_assumed(pulses: int | None, given: float | None, src: dict, notes: list[str]) -> bool:
+    """BackgroundSuppression (a required BIDS-ASL field) is missing: on where a pulse count or efficiency
+    says so, else off, each with a note (off when it was on reads CBF low by the suppression's loss)."""
+    src["BackgroundSuppression"] = DERIVED
+    if (pulses or 0) > 0 or given is not None:
+        evidence = f"{pulses} pulses" if pulses else f"BackgroundSuppressionEfficiency {given:g}"
+        notes.append(f"BackgroundSuppression missing: on assumed from the sidecar's {evidence}")
+        return True
+    if pulses == 0:
+        notes.append("BackgroundSuppression missing: off, from the sidecar's 0 pulses")
+        return False
+    src["BackgroundSuppression"] = DEFAULT
+    notes.append(
+        "BackgroundSuppression missing: off assumed; if the scan used it, CBF reads low (a factor of "
+        f"{physics.BS_EFFICIENCY_PER_PULSE} per pulse)"
+    )
+    return False
 
 
 def _parse_m0(sidecar, path, m0_source, m0_sidecar, m0_sidecar_path, src, notes):
@@ -385,6 +411,9 @@ def _parse_m0(sidecar, path, m0_source, m0_sidecar, m0_sidecar_path, src, notes)
             if found == "Absent":
                 raise ASLInputError(path, f"M0Type {m0_type} but {where}")
             notes.append(f"M0Type {m0_type} but the M0 was found {found.lower()}: the M0 found is used")
+            m0_type = found
+        elif m0_type == "Absent" and found in ("Included", "Separate"):
+            notes.append(f"M0Type Absent but an M0 was found {found.lower()}: the M0 found is used")
             m0_type = found
     estimate = None
     if m0_type == "Estimate":
@@ -571,6 +600,8 @@ def quantify_series(item: dict[str, Any], deltam: dict[str, np.ndarray], m0: np.
     try:
         sidecar_path = item.get("sidecar") or "<sidecar>"
         sidecar = json.loads(item["sidecar_json"]) if item.get("sidecar_json") else read_sidecar(sidecar_path)
+        if not sidecar and not Path(sidecar_path).is_file():
+            raise ASLInputError(sidecar_path, "sidecar JSON is missing (CBF needs its labeling parameters)")
         pair_volumes = json.loads(item["pair_volumes"]) if item.get("pair_volumes") else []
         used = json.loads(item["input_pairs"]) if item.get("input_pairs") else range(len(pair_volumes))
         used_volumes = [v for i in used for v in pair_volumes[i]]

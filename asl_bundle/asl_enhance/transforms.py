@@ -15,10 +15,11 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from .bids import ASLInputError, load_asl_series, load_nifti
+from .bids import ASLInputError, load_asl_series, load_nifti, parse_num_pairs
 from .fidelity import HAS_SCIPY, LESIONS, place_lesions, plant_lesions, solid_head
 from .items import voxel_sizes
 from .layout import InputLayout
+from .metrics import MIN_REFERENCE_PAIRS
 
 #: the network sees deltaM scaled so that its own mean inside the head is this value (about the
 #: head mean of deltaM in percent of M0 in simulated and real scans, so losses keep their scale)
@@ -85,7 +86,7 @@ class LoadASLSeriesd(MapTransform):
         pld_block: str = "all",
     ):
         super().__init__(keys, allow_missing_keys)
-        self.num_pairs = None if num_pairs is None or num_pairs in ("", "all") else int(num_pairs)
+        self.num_pairs = parse_num_pairs(num_pairs)
         self.on_error = _check_on_error(on_error)
         if pld_block not in ("all", "longest"):
             raise ValueError(f"pld_block must be 'all' or 'longest', got {pld_block!r}")
@@ -167,7 +168,7 @@ class SelectPairsd(Randomizable, MapTransform):
     mode ``random`` draws k in ``num_input_pairs`` (int or [low, high]) pairs at random (training);
     mode ``first`` takes the first k (evaluation, inference; ``None`` = all pairs); mode ``groups``
     returns a LIST of items, one per disjoint input group g (pairs [gK, (g+1)K), at most
-    ``max_groups``, each leaving >= 2 reference pairs; group 0 always), marked ``input_group``, so
+    ``max_groups``, each leaving >= 2 reference pairs, else the item fails), marked ``input_group``, so
     evaluation can take the median over groups (MONAI's Compose maps the next transforms over the
     list and ``list_data_collate`` flattens it into one batch). target:
     ``other`` = mean of the pairs not in the input (Noise2Noise), ``all`` = mean of all pairs
@@ -228,10 +229,8 @@ class SelectPairsd(Randomizable, MapTransform):
 
     def num_groups(self, num_pairs: int, k: int) -> int:
         """How many disjoint K-pair input groups a series of ``num_pairs`` gives (0: too few pairs)."""
-        if k >= num_pairs:
-            return 0
-        if num_pairs - k < 2:
-            return 1  # a single reference pair: no noise estimate, but still scored as mode "first" does
+        if num_pairs - k < MIN_REFERENCE_PAIRS:
+            return 0  # one reference pair has no spread: its noise could not be taken out of the score
         return min(self.max_groups, num_pairs // k)
 
     def _groups(self, d: dict) -> list[dict]:
@@ -239,7 +238,10 @@ class SelectPairsd(Randomizable, MapTransform):
         k = self._fixed_k(d, num_pairs)
         count = self.num_groups(num_pairs, k)
         if count == 0:
-            message = f"needs more than {k} pairs to score against unused pairs, has {num_pairs}"
+            message = (
+                f"needs at least {k + MIN_REFERENCE_PAIRS} pairs ({k} as input, {MIN_REFERENCE_PAIRS} unused to score"
+                f" against with their noise taken out), has {num_pairs}"
+            )
             raise ASLInputError(d.get("asl", "<series>"), message)
         items = []
         for g in range(count):
