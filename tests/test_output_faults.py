@@ -291,6 +291,20 @@ def test_skip_existing_neither_loads_nor_enhances_a_complete_series(tmp_path, we
     assert (out / "dataset_description.json").is_file()
 
 
+def test_a_run_that_wrote_no_series_leaves_no_data_set_files(tmp_path):
+    """Every series failed: no lone dataset_description.json (a description of nothing); a folder that
+    already holds earlier outputs keeps its description up to date."""
+    out = tmp_path / "out"
+    writers.ASLOutputWriter(str(out)).finish()
+    assert not out.exists() or not any(out.iterdir())
+    out.mkdir(exist_ok=True)
+    (out / "dataset_description.json").write_text(
+        json.dumps({"Name": "ASL bundle outputs", "DatasetType": "derivative"})
+    )
+    writers.ASLOutputWriter(str(out), bundle_version="9.9").finish()
+    assert json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["Version"] == "9.9"
+
+
 def test_tissue_table_keeps_rows_of_series_this_run_did_not_write(tmp_path):
     """A resumed run (or one over a subset) adds its rows to cbf_tissue.tsv instead of dropping the
     earlier runs' rows; a series it wrote again has only its new rows."""
