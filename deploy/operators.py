@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from asl_enhance.bids import ASL_SUFFIXES, find_asl_series
+from asl_enhance.bids import ASL_SUFFIXES, find_asl_series, parse_num_pairs
 from asl_enhance.failures import process_each_series
 from asl_enhance.writers import scan_test_fields, series_maps, write_deltam_maps
 from monai.deploy.core import Fragment, Operator, OperatorSpec
@@ -211,6 +211,9 @@ class ASLNiftiWriterOperator(Operator):
 
 
 def num_pairs_from_env() -> int | None:
-    """``ASL_NUM_PAIRS`` as an int; unset, empty or "all" = every pair."""
-    value = os.environ.get("ASL_NUM_PAIRS", "").strip().lower()
-    return None if value in ("", "all") else int(value)
+    """``ASL_NUM_PAIRS`` as the bundle's ``--num_pairs`` reads it (unset, empty or "all" = every pair); anything
+    but a whole number stops the app with one line, before any data is read."""
+    try:
+        return parse_num_pairs(os.environ.get("ASL_NUM_PAIRS", ""))
+    except ValueError as err:
+        raise SystemExit(f"ERROR: ASL_NUM_PAIRS: {err}") from None

@@ -163,3 +163,24 @@ def test_app_rejects_input_without_aslcontext(case, tmp_path):
     assert result.returncode != 0
     assert "aslcontext" in result.stdout + result.stderr
     assert not list(tmp_path.rglob("*_deltam.nii.gz"))
+
+
+def test_app_refuses_a_bad_pair_count_in_one_line(case, tmp_path):
+    """``ASL_NUM_PAIRS=2.5`` is read as the bundle reads ``--num_pairs``: one line, non-zero, nothing written."""
+    out = tmp_path / "out"
+    cmd = [
+        str(DEPLOY_PY),
+        str(ROOT / "deploy" / "app.py"),
+        "-i",
+        str(case["data"]),
+        "-o",
+        str(out),
+        "-m",
+        str(case["model"]),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**ENV, "ASL_NUM_PAIRS": "2.5"}
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ERROR: ASL_NUM_PAIRS: num_pairs must be a whole number of pairs (or 'all'), got '2.5'" in result.stderr
+    assert not out.exists() or not any(out.rglob("*.nii.gz"))
