@@ -422,7 +422,8 @@ class ASLOutputWriter:
         and ``.bidsignore`` at the output root; in a run (``engine``), failing to write them is
         recorded as a failure instead of a traceback. Not where this run wrote no series into a folder
         without them (every series failed): a data set description of nothing would be all it holds."""
-        if not (self.series_written or self.series_skipped or (self.output_dir / DESCRIPTION).exists()):
+        wrote = self.series_written or self.series_skipped or self.tissue_rows
+        if not (wrote or (self.output_dir / DESCRIPTION).exists()):
             return
         try:
             self._write_dataset_files()
