@@ -39,6 +39,8 @@ export PYTHONPATH="$BUNDLE${PYTHONPATH:+:$PYTHONPATH}"
 echo "TorchScript: $OUT"
 if [ "$ONNX" = 1 ]; then
     ONNX_OUT="${OUT%.ts}.onnx"
+    # the input channels the network takes (deltaM, guide, noise twin, twin flag), from the bundle's metadata
+    CHANNELS=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['network_data_format']['inputs']['image']['num_channels'])" "$BUNDLE/configs/metadata.json")
     # dynamic spatial axes: the network is fully convolutional and takes any volume size
     "$PY" -m monai.bundle onnx_export network_def \
         --filepath "$ONNX_OUT" \
@@ -46,10 +48,10 @@ if [ "$ONNX" = 1 ]; then
         --meta_file "$BUNDLE/configs/metadata.json" \
         --config_file "$BUNDLE/configs/inference.json" \
         --bundle_root "$BUNDLE" \
-        --input_shape "[1, 2, 32, 32, 8]" \
+        --input_shape "[1, $CHANNELS, 32, 32, 8]" \
         --use_trace true \
         --converter_kwargs "{'dynamic_axes': {'x': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}}, 'input_names': ['x'], 'output_names': ['pred'], 'dynamo': False}"
-    "$PY" - "$ONNX_OUT" "$OUT" <<'PYEOF'
+    "$PY" - "$ONNX_OUT" "$OUT" "$CHANNELS" <<'PYEOF'
 """Compare ONNX Runtime with the TorchScript export on a volume of another size than the trace's."""
 import sys
 
@@ -57,8 +59,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-onnx_path, ts_path = sys.argv[1], sys.argv[2]
-x = torch.rand(1, 2, 24, 20, 6)
+onnx_path, ts_path, channels = sys.argv[1], sys.argv[2], int(sys.argv[3])
+x = torch.rand(1, channels, 24, 20, 6)
 session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
 got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 want = torch.jit.load(ts_path, map_location="cpu")(x).detach().numpy()

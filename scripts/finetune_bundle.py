@@ -6,7 +6,10 @@ e.g. ``-- --max_epochs 5 --val_fraction 0.25``. It copies the source bundle to N
 source is never written), keeps the shipped weights as ``models/base_model.pt``, runs
 train.json + finetune.json there (target: mean of the unused pairs, so no clean data is needed; a lower
 learning rate; checkpoint chosen on held-out series), installs the best checkpoint as
-``models/model.pt`` and records the new version, a changelog entry and the data in metadata.json.
+``models/model.pt``, records the new version, a changelog entry and the data in metadata.json, and
+re-exports ``models/model.ts`` from the new weights (what MONAI Deploy loads). The data set and the
+overrides are checked before anything is written; a run that fails leaves no bundle behind (its logs and
+checkpoints stay in NEW_BUNDLE_DIR_runs).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FINETUNE_CONFIGS = ("train.json", "finetune.json")
 
 
 def bump_version(version: str) -> str:
@@ -40,6 +44,33 @@ def copy_bundle(source: Path, target: Path, base_weights: Path | None = None) ->
     (target / "models" / "model.pt").rename(target / "models" / "base_model.pt")
 
 
+def check_inputs(source: Path, dataset_dir: Path, overrides: list[str]) -> None:
+    """Before anything is written: every ``--key`` override names a setting of the fine-tuning configs, and
+    the data set has enough series to hold some out for choosing the checkpoint (``val_fraction``)."""
+    from asl_enhance.failures import find_series_or_exit
+    from monai.bundle import ConfigParser
+    from monai.data import partition_dataset
+
+    parser = ConfigParser()
+    parser.read_config([str(source / "configs" / name) for name in FINETUNE_CONFIGS])
+    keys = [token[2:] for token in overrides if token.startswith("--")]
+    unknown = [key for key in keys if parser.get(key) is None and key not in parser.get()]
+    if unknown:
+        raise SystemExit(f"ERROR: unknown setting(s) {', '.join('--' + k for k in unknown)}: not in {FINETUNE_CONFIGS}")
+    given = dict(zip(overrides[::2], overrides[1::2]))
+    fraction = float(given.get("--val_fraction", parser.get("val_fraction")))
+    count = len(find_series_or_exit(dataset_dir))
+    train, held_out = partition_dataset(list(range(count)), ratios=[1.0 - fraction, fraction], shuffle=True, seed=0)
+    if not train or not held_out:
+        need = next(
+            n for n in range(2, 1000) if all(partition_dataset(list(range(n)), ratios=[1.0 - fraction, fraction]))
+        )
+        raise SystemExit(
+            f"ERROR: {dataset_dir}: {count} series; fine-tuning trains on some and keeps the checkpoint that scores "
+            f"best on the others (val_fraction {fraction:g}): give at least {need} series or a larger --val_fraction"
+        )
+
+
 def run_finetune(bundle: Path, dataset_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "finetune.json")]
     cmd = [
@@ -56,12 +87,23 @@ def run_finetune(bundle: Path, dataset_dir: Path, overrides: list[str]) -> subpr
         "--initial_weights",
         str(bundle / "models" / "base_model.pt"),
         "--ckpt_dir",
-        str(bundle / "models" / "finetune"),
+        str(runs_dir(bundle) / "checkpoints"),
         "--output_dir",
-        str(bundle.parent / f"{bundle.name}_runs"),
+        str(runs_dir(bundle)),
         *overrides,
     ]
     print("running:", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def runs_dir(bundle: Path) -> Path:
+    """Logs and checkpoints of the fine-tuning run: beside the new bundle, not inside it."""
+    return bundle.parent / f"{bundle.name}_runs"
+
+
+def export_torchscript(bundle: Path) -> subprocess.CompletedProcess:
+    """models/model.ts from the new weights and metadata (the copied one holds the base weights)."""
+    cmd = ["bash", str(ROOT / "scripts" / "export_model.sh"), "--bundle_root", str(bundle)]
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
@@ -100,16 +142,28 @@ def main(argv: list[str] | None = None) -> int:
     base_version = json.loads((args.source_bundle / "configs" / "metadata.json").read_text())["version"]
     version = args.version or bump_version(base_version)
     bundle = args.output_bundle.resolve()
+    if bundle.exists():
+        raise SystemExit(f"ERROR: {bundle} exists: choose a new --output_bundle")
+    check_inputs(args.source_bundle, args.dataset_dir.resolve(), overrides)
     copy_bundle(args.source_bundle, bundle, args.base_weights)
     result = run_finetune(bundle, args.dataset_dir.resolve(), overrides)
-    best = bundle / "models" / "finetune" / "model.pt"
+    best = runs_dir(bundle) / "checkpoints" / "model.pt"
     if result.returncode != 0 or not best.is_file():
-        print(f"fine-tuning failed (exit {result.returncode}); {bundle} keeps the base weights only", file=sys.stderr)
-        return 1
+        why = f"training exited with status {result.returncode}" if result.returncode else "no checkpoint was kept"
+        return fail(bundle, f"fine-tuning failed ({why}; logs in {runs_dir(bundle)})")
     shutil.copy2(best, bundle / "models" / "model.pt")
     update_metadata(bundle, version, base_version, args.dataset_dir, args.data_description, overrides)
-    print(f"new bundle version {version} at {bundle} (weights: models/model.pt; base: models/base_model.pt)")
+    if export_torchscript(bundle).returncode != 0:
+        return fail(bundle, "exporting models/model.ts from the new weights failed")
+    print(f"new bundle version {version} at {bundle} (weights: models/model.pt, model.ts; base: models/base_model.pt)")
     return 0
+
+
+def fail(bundle: Path, message: str) -> int:
+    """No half-made bundle: remove it and say why (the run's logs stay beside it)."""
+    shutil.rmtree(bundle, ignore_errors=True)
+    print(f"ERROR: {message}; no bundle written at {bundle}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -100,3 +100,51 @@ def test_finetune_bundle_metadata(tmp_path):
     assert list(written["changelog"])[0] == "9.9.9" and "site X long scans" in written["changelog"]["9.9.9"]
     assert "site X long scans" in written["data_source"]
     assert json.loads((CONFIGS / "metadata.json").read_text()) == base  # the source bundle is untouched
+
+
+def _finetune_module():
+    spec = importlib.util.spec_from_file_location("finetune_bundle", ROOT / "scripts" / "finetune_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_bundle_checks_before_writing(data, tmp_path, capsys):
+    """A misspelt override or too few series to hold any out stops it with one line, nothing written."""
+    module = _finetune_module()
+    one = tmp_path / "one"
+    write_phantom_dataset(one, 1, SHAPE, num_pairs=4, first_seed=30)
+    cases = ((data, ["--max_epoch", "1"], "unknown setting(s) --max_epoch"), (one, [], "1 series; fine-tuning"))
+    for dataset, overrides, says in cases:
+        out = tmp_path / "bundle"
+        with pytest.raises(SystemExit) as exc:
+            module.main(["--dataset_dir", str(dataset), "--output_bundle", str(out), "--", *overrides])
+        assert says in str(exc.value) and not out.exists() and not module.runs_dir(out).exists()
+
+
+@pytest.mark.slow
+def test_finetune_bundle_exports_its_own_model_ts(data, tmp_path):
+    """The new bundle's model.ts holds the fine-tuned weights and the new version (Deploy loads model.ts)."""
+    from monai.data import load_net_with_metadata
+
+    module = _finetune_module()
+    out = tmp_path / "site_bundle"
+    argv = [
+        "--dataset_dir",
+        str(data),
+        "--output_bundle",
+        str(out),
+        "--",
+        "--max_epochs",
+        "1",
+        "--val_fraction",
+        "0.34",
+    ]
+    assert module.main(argv) == 0
+    net, meta, _ = load_net_with_metadata(str(out / "models" / "model.ts"), map_location="cpu")
+    assert meta["version"] == json.loads((out / "configs" / "metadata.json").read_text())["version"]
+    weights = torch.load(out / "models" / "model.pt", map_location="cpu")
+    weights = weights.get("model", weights)
+    scripted = dict(net.named_parameters())
+    assert all(torch.equal(weights[name], scripted[name].detach()) for name in scripted)
+    assert not (out / "models" / "finetune").exists() and (module.runs_dir(out) / "checkpoints").is_dir()

@@ -188,7 +188,8 @@ class SeriesFailureReport:
 
 def usable_series(items: list[dict[str, str]], min_pairs: int = 2) -> list[dict[str, str]]:
     """The series of a training set that read cleanly and have at least ``min_pairs`` pairs; each
-    one left out is named in a warning, so one broken series never stops a training run."""
+    one left out is named in a warning, so one broken series never stops a training run (none left:
+    one line, exit status 2)."""
     usable = []
     for item in items:
         try:
@@ -200,6 +201,8 @@ def usable_series(items: list[dict[str, str]], min_pairs: int = 2) -> list[dict[
             print(f"WARNING: skipped series for training: {err}", file=sys.stderr, flush=True)
             continue
         usable.append(item)
-    if not usable:
-        raise ASLInputError(items[0]["dataset_dir"] if items else "<data set>", "no usable series to train on")
+    if not usable:  # a command-line run: one line and status 2, not a traceback from the config parser
+        where = items[0]["dataset_dir"] if items else "<data set>"
+        print(f"ERROR: {where}: no usable series to train on (see the warnings above)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_INPUT)
     return usable

@@ -240,7 +240,8 @@ def head_statistic(values: torch.Tensor, head: torch.Tensor | None, median: bool
         v = values[b].flatten(1)  # per channel: the blend's divergence pass rides as a second channel
         if head is not None and bool(head[b].any()):
             v = v[:, head[b].flatten()]
-        stats.append(torch.median(v, dim=1)[0] if median else v.mean(dim=1))
+        # the median as torch.median gives it (the lower middle value), by a sort: ONNX has no median op
+        stats.append(v.sort(dim=1).values[:, (v.shape[1] - 1) // 2] if median else v.mean(dim=1))
     return torch.stack(stats).view([values.shape[0], values.shape[1]] + [1] * (values.dim() - 2))
 
 
