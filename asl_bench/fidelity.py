@@ -202,6 +202,16 @@ def named(series: Sequence[Series], prefix: str) -> list[Series]:
     return [dataclasses.replace(s, name=f"{prefix}/{s.name}") for s in series]
 
 
+#: where the studies find their real long scans: the fetched validation scan and the converted public runs
+REAL_SCAN, SHARED_REAL = Path(".cache/real/ds000240"), Path("../shared/real-asl")
+
+
+def study_series() -> list[Series]:
+    """The 8 real long scans every fidelity study scores, in one order: ds000240 (its first series), then the
+    runs of ``scripts/convert_real_asl.py`` (multi-PLD: longest-PLD block)."""
+    return named(core.load_series(REAL_SCAN, False, 1), "ds000240") + load_real([SHARED_REAL])[0]
+
+
 # ---------------------------------------------------------------------------------------- methods
 Method = tuple[Callable[[dict[str, Any]], np.ndarray], dict[str, Any], str]
 

@@ -137,8 +137,7 @@ def main() -> None:
         report(json.loads(args.out.read_text()), args.ks)
         return
     model = core.build_model(args.model, core.INFERENCE_CONFIG)
-    series = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
-    series += fd.load_real([Path("../shared/real-asl")])[0]
+    series = fd.study_series()
     opts = fd.Options()
     rows = []
     for si, s in enumerate(series):

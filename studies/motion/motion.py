@@ -56,8 +56,7 @@ def with_variant(model: core.Model, name: str) -> core.Model:
 
 
 def load_scans() -> list[core.Series]:
-    series = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
-    series += fd.load_real([Path("../shared/real-asl")])[0]
+    series = fd.study_series()
     return [s for s in series if load_asl_series(s.item).control_mean is not None]
 
 

@@ -280,9 +280,7 @@ def main() -> None:
         p.error("--out is required")
     variants = {k: v for k, v in VARIANTS.items() if args.variants is None or k in args.variants}
     model = core.build_model(args.model, core.INFERENCE_CONFIG)
-    real = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
-    extra, _ = fd.load_real([Path("../shared/real-asl")])
-    series = real + extra
+    series = fd.study_series()
     opts = fd.Options()
     rows = []
     for si, s in enumerate(series):

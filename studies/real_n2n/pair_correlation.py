@@ -10,11 +10,8 @@ noise is -1/(n - 1), about -0.02 to -0.14 here).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from asl_bench import core
 from asl_bench import fidelity as fd
 
 LAGS = (1, 2, 5)
@@ -27,11 +24,9 @@ def lag_correlation(pairs: np.ndarray, head: np.ndarray, lag: int) -> float:
 
 
 def main() -> None:
-    real = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
-    extra, _ = fd.load_real([Path("../shared/real-asl")])
     print("| scan | pairs | " + " | ".join(f"lag {lag}" for lag in LAGS) + " | independent |")
     print("|---|---|" + "---|" * (len(LAGS) + 1))
-    for s in real + extra:
+    for s in fd.study_series():
         pairs = s.item["pairs"]
         cells = " | ".join(f"{lag_correlation(pairs, s.brain, lag):+.3f}" for lag in LAGS)
         print(f"| {s.name.split('/')[1]} | {len(pairs)} | {cells} | {-1 / (len(pairs) - 1):+.3f} |")

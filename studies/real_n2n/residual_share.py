@@ -9,8 +9,6 @@ proposal removes over that, both inside the head. Prints one line per weights fi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from asl_enhance.transforms import NormalizeASLd
 
@@ -25,8 +23,7 @@ def energy(a: torch.Tensor, head: torch.Tensor) -> float:
 
 
 def main() -> None:
-    series = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
-    series += fd.load_real([Path("../shared/real-asl")])[0]
+    series = fd.study_series()
     for path in WEIGHTS:
         net = core.build_model(f"x={path}", core.INFERENCE_CONFIG)
         cells = []

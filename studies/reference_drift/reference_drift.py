@@ -86,8 +86,7 @@ def main() -> None:
         report(json.loads(args.out.read_text()), args.ks)
         return
     models = [core.build_model(spec, core.INFERENCE_CONFIG) for spec in MODELS.values()]
-    series = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
-    series += fd.load_real([Path("../shared/real-asl")])[0]
+    series = fd.study_series()
     opts = fd.Options()
     result = {"halves": {}, "rows": []}
     for s in series:

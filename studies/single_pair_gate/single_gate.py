@@ -98,8 +98,7 @@ def main() -> None:
         return
     variants = {k: v for k, v in VARIANTS.items() if args.variants is None or k in args.variants}
     model = core.build_model(args.model, core.INFERENCE_CONFIG)
-    series = fd.named(core.load_series(Path(".cache/real/ds000240"), False, 1), "ds000240")
-    series += fd.load_real([Path("../shared/real-asl")])[0]
+    series = fd.study_series()
     opts = fd.Options()
     rows = []
     for si, s in enumerate(series):
