@@ -34,9 +34,7 @@ def bump_version(version: str) -> str:
 
 
 def copy_bundle(source: Path, target: Path, base_weights: Path | None = None) -> None:
-    """Copy the bundle without caches, logs or the training checkpoint; refuse to overwrite."""
-    if target.exists():
-        raise SystemExit(f"{target} exists: choose a new --output_bundle")
+    """Copy the bundle without caches, logs or the training checkpoint (``main`` has refused an existing target)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "checkpoint.pt", "finetune", "eval", "logs")
     shutil.copytree(source, target, ignore=ignore)
     if base_weights is not None:
